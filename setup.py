@@ -1,0 +1,47 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+version = {}
+exec((HERE / "src" / "diffusers_masked" / "version.py").read_text(), version)
+
+train_requires = [
+    "accelerate>=0.30",
+    "datasets>=2.19",
+    "tensorboard",
+    "scikit-learn>=1.3",
+    "torchmetrics>=1.3",
+    "evaluate>=0.4",
+]
+
+setup(
+    name="diffusers-masked",
+    version=version["__version__"],
+    description="Masked training (MaskDiT, MaskDM) for diffusion transformers, in the Hugging Face diffusers family",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        # A loose lower bound only: users bring the torch build (CPU, CUDA, ROCm) that fits their machine.
+        "torch>=2.1",
+        "diffusers>=0.35",
+        "transformers>=4.40",
+        "huggingface_hub>=0.23",
+        "safetensors>=0.4",
+        "numpy",
+        "Pillow",
+    ],
+    extras_require={
+        "train": train_requires,
+        "dev": train_requires + ["pytest>=7", "ruff>=0.4"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
