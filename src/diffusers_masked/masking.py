@@ -55,6 +55,33 @@ def _check_grid(grid_size) -> tuple[int, int]:
     return int(grid_size[0]), int(grid_size[1])
 
 
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, patch_size**2 * C)`` tokens in row-major grid order; the inverse of
+    :func:`unpatchify`. Within a token the layout is ``(p, q, C)`` as in MAE and DiT."""
+    batch, channels, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} must be divisible by patch_size={patch_size}")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    x = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(batch, grid_h * grid_w, patch_size * patch_size * channels)
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """``(B, N, patch_size**2 * C)`` -> ``(B, C, height, width)``; the inverse of :func:`patchify`."""
+    batch, num_tokens, token_dim = tokens.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    if grid_h * grid_w != num_tokens or token_dim % (patch_size * patch_size):
+        raise ValueError(
+            f"cannot unpatchify {num_tokens} tokens of size {token_dim} into a {height}x{width} image "
+            f"with patch_size={patch_size}"
+        )
+    channels = token_dim // (patch_size * patch_size)
+    x = tokens.reshape(batch, grid_h, grid_w, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(batch, channels, height, width)
+
+
 def num_masked_tokens(num_tokens: int, mask_ratio: float) -> int:
     """The count :func:`random_mask` removes per sample: ``floor(mask_ratio * num_tokens)``."""
     # The epsilon keeps e.g. 0.3 * 10 = 2.9999999999999996 from flooring to 2.
