@@ -62,11 +62,11 @@ if TYPE_CHECKING:
         block_mask,
         crop_mask,
         generate_mask,
-        patchify,
-        unpatchify,
         mask_schedule_from_dict,
         parse_mask_schedule,
+        patchify,
         random_mask,
+        unpatchify,
     )
     from .models.masked_dit import MaskedDiTTransformer2DModel, MaskedDiTTransformer2DModelOutput  # noqa: F401
     from .pipelines.pipeline_maskdit import MaskDiTPipeline  # noqa: F401

@@ -1,0 +1,400 @@
+"""MaskedDiTTransformer2DModel: the asymmetric encoder-decoder diffusion transformer of MaskDiT.
+
+Encoder: a DiT (adaLN-Zero blocks) that, given a token mask, runs on the *visible* tokens only.
+Decoder: a narrower MAE-style transformer, also adaLN-conditioned, that runs on all tokens, with one shared
+learnable mask token standing in for every removed one. ``decoder_num_layers=0`` removes the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from ..masking import check_mask, unpatchify
+
+# Encoder sizes of the DiT paper (Peebles & Xie 2023, table 1): num_layers, hidden size, heads.
+DIT_ENCODER_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+# MaskDiT's decoder (Zheng et al. 2023): 8 blocks, 512 wide, 16 heads.
+MASKDIT_DECODER = {"decoder_num_layers": 8, "decoder_num_attention_heads": 16, "decoder_attention_head_dim": 32}
+
+
+@dataclass
+class MaskedDiTTransformer2DModelOutput(BaseOutput):
+    """
+    Args:
+        sample (`torch.Tensor` of shape `(batch, out_channels, height, width)`):
+            The prediction for every pixel. Where the model has no decoder, removed tokens' pixels are zeros.
+        mask (`torch.BoolTensor` of shape `(batch, num_tokens)` or `None`):
+            The token mask used (`True` = removed), or `None` when every token was visible.
+    """
+
+    sample: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def sincos_positions(embed_dim: int, grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions ``(grid_h * grid_w, embed_dim)`` in row-major token order, with the
+    MAE/DiT layout (first half of the channels encodes the column, second half the row)."""
+    cols = torch.arange(grid_w, dtype=torch.float32, device=device)
+    rows = torch.arange(grid_h, dtype=torch.float32, device=device)
+    grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=0)  # [2, grid_h, grid_w]
+    return get_2d_sincos_pos_embed_from_grid(embed_dim, grid.reshape(2, -1)).float()
+
+
+class AdaLNZeroBlock(nn.Module):
+    """A DiT block: self-attention and MLP, each behind a LayerNorm modulated (shift, scale) by the
+    conditioning vector and followed by a gate; the modulation starts at zero so the block starts as identity.
+
+    The conditioning embedding is computed once per model and shared by all blocks."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, cond_dim: int, mlp_ratio: float, norm_eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.attn1 = Attention(
+            query_dim=dim, heads=num_heads, dim_head=head_dim, bias=True, out_bias=True, processor=AttnProcessor2_0()
+        )
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate", bias=True)
+        self.modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # x: [B, L, D], cond: [B, cond_dim]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(F.silu(cond)).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        x = x + gate_msa[:, None] * self.attn1(h)
+        h = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp[:, None] * self.ff(h)
+
+
+class AdaLNFinalLayer(nn.Module):
+    """Modulated LayerNorm then a linear map from tokens to ``patch_size**2 * out_channels`` values."""
+
+    def __init__(self, dim: int, cond_dim: int, patch_size: int, out_channels: int, norm_eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.modulation = nn.Linear(cond_dim, 2 * dim)
+        self.proj = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(F.silu(cond)).chunk(2, dim=1)
+        return self.proj(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
+    r"""
+    The MaskDiT transformer: a DiT encoder that sees only the visible tokens and a light decoder over all tokens.
+
+    Parameters:
+        sample_size (`int`, defaults to 32): Height and width of the (latent) input the positions are cached for.
+            Other sizes work if both sides divide by `patch_size`.
+        patch_size (`int`, defaults to 2): Side of the square patches that become tokens.
+        in_channels (`int`, defaults to 4): Channels of the input.
+        out_channels (`int`, *optional*): Channels of the output; defaults to `in_channels`.
+        num_layers (`int`, defaults to 28): Encoder depth.
+        num_attention_heads (`int`, defaults to 16): Encoder heads.
+        attention_head_dim (`int`, defaults to 72): Encoder head width; the encoder is
+            `num_attention_heads * attention_head_dim` wide.
+        decoder_num_layers (`int`, defaults to 8): Decoder depth; 0 means no decoder (removed tokens' outputs
+            are zeros).
+        decoder_num_attention_heads (`int`, defaults to 16): Decoder heads.
+        decoder_attention_head_dim (`int`, defaults to 32): Decoder head width.
+        num_classes (`int`, defaults to 1000): Number of classes; 0 makes the model unconditional. The label table
+            has `num_classes + 1` rows; id `num_classes` is the null class used for classifier-free guidance.
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width over block width.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        frequency_embedding_size (`int`, defaults to 256): Width of the sinusoidal timestep features.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+    _no_split_modules = ["AdaLNZeroBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 28,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        decoder_num_layers: int = 8,
+        decoder_num_attention_heads: int = 16,
+        decoder_attention_head_dim: int = 32,
+        num_classes: int = 1000,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+        frequency_embedding_size: int = 256,
+    ):
+        super().__init__()
+        for name, value in [
+            ("sample_size", sample_size),
+            ("patch_size", patch_size),
+            ("in_channels", in_channels),
+            ("num_layers", num_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("attention_head_dim", attention_head_dim),
+        ]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}")
+        if decoder_num_layers < 0:
+            raise ValueError(f"decoder_num_layers must be >= 0 (0 = no decoder), got {decoder_num_layers}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        self.out_channels = out_channels if out_channels is not None else in_channels
+        self.inner_dim = num_attention_heads * attention_head_dim
+        self.decoder_dim = decoder_num_attention_heads * decoder_attention_head_dim if decoder_num_layers else 0
+        if self.inner_dim % 4 or (self.decoder_dim and self.decoder_dim % 4):
+            raise ValueError("encoder and decoder widths must be divisible by 4 for 2-D sine-cosine positions")
+        self.gradient_checkpointing = False
+
+        # Conditioning: one timestep embedder and one label table shared by every block.
+        self.time_proj = Timesteps(frequency_embedding_size, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(frequency_embedding_size, self.inner_dim)
+        self.class_embedder = nn.Embedding(num_classes + 1, self.inner_dim) if num_classes > 0 else None
+
+        # Encoder
+        self.patch_embed = nn.Conv2d(in_channels, self.inner_dim, kernel_size=patch_size, stride=patch_size)
+        grid = sample_size // patch_size
+        self.register_buffer("pos_embed", sincos_positions(self.inner_dim, grid, grid), persistent=False)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                AdaLNZeroBlock(self.inner_dim, num_attention_heads, attention_head_dim, self.inner_dim, mlp_ratio, norm_eps)
+                for _ in range(num_layers)
+            ]
+        )
+
+        # Decoder: narrower, over all tokens, a shared mask token where the encoder saw nothing.
+        if decoder_num_layers:
+            self.decoder_embed = nn.Linear(self.inner_dim, self.decoder_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.decoder_dim))
+            self.register_buffer(
+                "decoder_pos_embed", sincos_positions(self.decoder_dim, grid, grid), persistent=False
+            )
+            self.decoder_blocks = nn.ModuleList(
+                [
+                    AdaLNZeroBlock(
+                        self.decoder_dim,
+                        decoder_num_attention_heads,
+                        decoder_attention_head_dim,
+                        self.inner_dim,
+                        mlp_ratio,
+                        norm_eps,
+                    )
+                    for _ in range(decoder_num_layers)
+                ]
+            )
+        else:
+            self.decoder_embed = None
+            self.mask_token = None
+            self.decoder_pos_embed = None
+            self.decoder_blocks = nn.ModuleList()
+        self.final_layer = AdaLNFinalLayer(
+            self.decoder_dim or self.inner_dim, self.inner_dim, patch_size, self.out_channels, norm_eps
+        )
+        self._initialize_weights()
+
+    def _initialize_weights(self):
+        # As in DiT: xavier linears, N(0, 0.02) embeddings, zero adaLN modulations and output projection.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.timestep_embedder.linear_2.weight, std=0.02)
+        if self.class_embedder is not None:
+            nn.init.normal_(self.class_embedder.weight, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+        for block in [*self.transformer_blocks, *self.decoder_blocks]:
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        for layer in (self.final_layer.modulation, self.final_layer.proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MaskedDiTTransformer2DModel:
+        """Build a model from a DiT size name (``"S/2"``, ``"B/4"``, ``"XL/2"``, ...) with MaskDiT's decoder
+        (8 blocks, 512 wide, 16 heads); any config argument can be overridden, e.g. a lighter decoder::
+
+            MaskedDiTTransformer2DModel.from_preset("S/2", decoder_num_layers=2, decoder_attention_head_dim=16)
+        """
+        cls._check_preset(name)
+        return cls(**{**cls.preset_config(name), **overrides})
+
+    @staticmethod
+    def _check_preset(name: str):
+        size, _, patch = str(name).partition("/")
+        if size not in DIT_ENCODER_SIZES or not patch.isdigit():
+            raise ValueError(
+                f"preset name must be '<size>/<patch>' with size in {list(DIT_ENCODER_SIZES)}, e.g. 'XL/2'; got {name!r}"
+            )
+
+    @classmethod
+    def preset_config(cls, name: str) -> dict:
+        """The config dict of a preset (see :meth:`from_preset`)."""
+        cls._check_preset(name)
+        size, _, patch = name.partition("/")
+        num_layers, width, heads = DIT_ENCODER_SIZES[size]
+        return {
+            "patch_size": int(patch),
+            "num_layers": num_layers,
+            "num_attention_heads": heads,
+            "attention_head_dim": width // heads,
+            **MASKDIT_DECODER,
+        }
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def _conditioning(self, timestep: torch.Tensor, class_labels: torch.Tensor | None, dtype) -> torch.Tensor:
+        cond = self.timestep_embedder(self.time_proj(timestep).to(dtype))
+        if self.class_embedder is not None:
+            cond = cond + self.class_embedder(class_labels)
+        return cond  # [B, D]
+
+    def _check_inputs(self, hidden_states, timestep, class_labels):
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
+            raise ValueError(
+                f"hidden_states must be a (batch, channels, height, width) tensor, got "
+                f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)}"
+            )
+        batch, channels, height, width = hidden_states.shape
+        if batch == 0:
+            raise ValueError("hidden_states must hold at least one sample")
+        if channels != self.config.in_channels:
+            raise ValueError(f"hidden_states must have in_channels={self.config.in_channels} channels, got {channels}")
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"hidden_states height and width ({height}x{width}) must be divisible by patch_size={patch}")
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.shape != (batch,):
+            raise ValueError(f"timestep must be a scalar or a ({batch},) tensor, got shape {tuple(timestep.shape)}")
+
+        if self.config.num_classes == 0:
+            if class_labels is not None:
+                raise ValueError("class_labels were given to an unconditional model (num_classes=0)")
+        else:
+            if class_labels is None:
+                raise ValueError(
+                    f"class_labels are required by this class-conditional model; use id {self.config.num_classes} "
+                    "for the null (unconditional) class"
+                )
+            class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
+            if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+                raise TypeError(f"class_labels must be integer ids, got dtype {class_labels.dtype}")
+            if class_labels.shape != (batch,):
+                raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
+            if class_labels.min() < 0 or class_labels.max() > self.config.num_classes:
+                raise ValueError(
+                    f"class_labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
+                    f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
+                )
+            class_labels = class_labels.long()
+        return timestep, class_labels
+
+    def _positions(self, buffer: torch.Tensor, dim: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        if buffer.shape[0] == grid_h * grid_w and grid_h == grid_w:
+            return buffer
+        return sincos_positions(dim, grid_h, grid_w, device=device)
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, cond)
+            else:
+                x = block(x, cond)
+        return x
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.LongTensor | None = None,
+        mask: torch.BoolTensor | None = None,
+        return_dict: bool = True,
+    ) -> MaskedDiTTransformer2DModelOutput | tuple:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, in_channels, height, width)`): The (preconditioned)
+                noisy input.
+            timestep (`torch.Tensor` of shape `(batch,)`, or a scalar): The noise level as the scheduler gives it,
+                a float such as EDM's `c_noise = ln(sigma) / 4` or an integer DDPM step.
+            class_labels (`torch.LongTensor` of shape `(batch,)`, *optional*): Class ids in `[0, num_classes]`,
+                `num_classes` being the null class. Required iff `num_classes > 0`.
+            mask (`torch.BoolTensor` of shape `(batch, num_tokens)`, *optional*): `True` marks a removed token, in
+                row-major order of the `(height / patch_size) x (width / patch_size)` grid, the same count in every
+                sample. The encoder then computes only the visible tokens.
+            return_dict (`bool`, defaults to `True`): Return a `MaskedDiTTransformer2DModelOutput` or a tuple
+                `(sample, mask)`.
+        """
+        timestep, class_labels = self._check_inputs(hidden_states, timestep, class_labels)
+        batch, _, height, width = hidden_states.shape
+        patch = self.config.patch_size
+        grid_h, grid_w = height // patch, width // patch
+        num_tokens = grid_h * grid_w
+        device = hidden_states.device
+        dtype = self.patch_embed.weight.dtype
+
+        if mask is not None:
+            num_removed = check_mask(mask, batch, num_tokens)
+            mask = mask.to(device)
+        else:
+            num_removed = 0
+        num_visible = num_tokens - num_removed
+
+        cond = self._conditioning(timestep, class_labels, dtype)
+
+        # Encoder: positions are added before dropping, so each visible token keeps its place in the image.
+        x = self.patch_embed(hidden_states.to(dtype)).flatten(2).transpose(1, 2)  # [B, N, D]
+        x = x + self._positions(self.pos_embed, self.inner_dim, grid_h, grid_w, device).to(x.dtype)
+        if num_removed:
+            # A stable sort puts the visible (False) tokens first, in grid order.
+            ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]  # [B, N_vis]
+            x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, N_vis, D]
+        x = self._run_blocks(self.transformer_blocks, x, cond)
+
+        if self.decoder_embed is not None:
+            # Decoder: visible tokens at their places, the shared mask token everywhere else.
+            x = self.decoder_embed(x)  # [B, N_vis, D_dec]
+            if num_removed:
+                full = self.mask_token.to(x.dtype).expand(batch, num_tokens, -1).clone()  # [B, N, D_dec]
+                x = full.scatter(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]), x)
+            x = x + self._positions(self.decoder_pos_embed, self.decoder_dim, grid_h, grid_w, device).to(x.dtype)
+            x = self._run_blocks(self.decoder_blocks, x, cond)
+            tokens = self.final_layer(x, cond)  # [B, N, p*p*C_out]
+        else:
+            tokens = self.final_layer(x, cond)  # [B, N_vis, p*p*C_out]
+            if num_removed:
+                full = tokens.new_zeros(batch, num_tokens, tokens.shape[-1])
+                tokens = full.scatter(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
+
+        sample = unpatchify(tokens, patch, height, width)
+        if not return_dict:
+            return (sample, mask)
+        return MaskedDiTTransformer2DModelOutput(sample=sample, mask=mask)

@@ -1,0 +1,236 @@
+import pytest
+import torch
+
+from diffusers_masked.masking import random_mask
+from diffusers_masked.models.masked_dit import MaskedDiTTransformer2DModel
+
+TINY = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=3,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    decoder_num_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_attention_head_dim=8,
+    num_classes=10,
+)
+
+
+def tiny_model(**overrides):
+    model = MaskedDiTTransformer2DModel(**{**TINY, **overrides})
+    # adaLN-Zero starts every block and the output at zero; give every weight a value so outputs carry signal.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def _inputs(batch=2, size=8, channels=3):
+    return torch.randn(batch, channels, size, size), torch.rand(batch) - 0.5, torch.tensor([3, 10][:batch])
+
+
+@pytest.mark.parametrize("preset", ["S/2", "B/2", "L/2", "XL/2"])
+def test_every_preset_gives_full_size_output_and_echoes_the_mask(preset):
+    # Real preset widths and depths, a tiny 8x8 grid (4x4 tokens) to stay fast.
+    model = MaskedDiTTransformer2DModel.from_preset(preset, sample_size=8, in_channels=4, num_classes=10).eval()
+    x = torch.randn(2, 4, 8, 8)
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, torch.zeros(2), torch.tensor([1, 2]), mask=mask)
+    assert out.sample.shape == (2, 4, 8, 8)
+    assert torch.equal(out.mask, mask)
+
+
+def test_preset_sizes_match_dit_and_the_maskdit_decoder():
+    cfg = MaskedDiTTransformer2DModel.preset_config("XL/2")
+    assert (cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_attention_heads"]) == (28, 1152, 16)
+    assert (cfg["decoder_num_layers"], cfg["decoder_num_attention_heads"] * cfg["decoder_attention_head_dim"]) == (8, 512)
+    assert MaskedDiTTransformer2DModel.preset_config("S/4")["patch_size"] == 4
+    with pytest.raises(ValueError, match="preset"):
+        MaskedDiTTransformer2DModel.from_preset("M/2")
+
+
+def test_preset_overrides_give_a_lighter_decoder():
+    model = MaskedDiTTransformer2DModel.from_preset(
+        "S/2", sample_size=8, decoder_num_layers=2, decoder_num_attention_heads=4, decoder_attention_head_dim=32
+    )
+    assert len(model.decoder_blocks) == 2 and model.decoder_dim == 128
+
+
+def _analytic_param_count(D, Dd, L, Ld, patch, c_in, c_out, classes, freq=256, mlp=4):
+    """Parameters from the layer shapes, written independently of the model code."""
+    linear = lambda i, o: i * o + o  # noqa: E731
+    time = linear(freq, D) + linear(D, D)
+    labels = (classes + 1) * D
+    patch_embed = c_in * patch * patch * D + D
+    block = lambda w: 4 * linear(w, w) + linear(w, mlp * w) + linear(mlp * w, w) + linear(D, 6 * w)  # noqa: E731
+    decoder = linear(D, Dd) + Dd + Ld * block(Dd)
+    final = linear(D, 2 * Dd) + linear(Dd, patch * patch * c_out)
+    return time + labels + patch_embed + L * block(D) + decoder + final
+
+
+def test_xl2_parameter_count_matches_analytic_count():
+    # MaskDiT XL/2 with the paper's 8x512 decoder, 4 latent channels, 1000 classes: 727,459,856 parameters
+    # (the paper quotes ~730M against DiT-XL/2's 675M).
+    with torch.device("meta"):
+        model = MaskedDiTTransformer2DModel.from_preset("XL/2", sample_size=32, in_channels=4, num_classes=1000)
+    count = sum(p.numel() for p in model.parameters())
+    expected = _analytic_param_count(D=1152, Dd=512, L=28, Ld=8, patch=2, c_in=4, c_out=4, classes=1000)
+    assert abs(count - expected) <= 0.01 * expected
+    assert 720e6 < count < 740e6
+
+
+def test_masked_output_ignores_content_of_removed_patches():
+    model = tiny_model()
+    x, t, y = _inputs()
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    removed_pixels = mask.view(2, 4, 1, 4, 1).expand(2, 4, 2, 4, 2).reshape(2, 1, 8, 8).expand_as(x)
+    changed = torch.where(removed_pixels, torch.randn_like(x) * 10, x)
+    with torch.no_grad():
+        a = model(x, t, y, mask=mask).sample
+        b = model(changed, t, y, mask=mask).sample
+    assert torch.equal(a, b)
+
+
+def test_masked_output_depends_on_a_visible_patch():
+    model = tiny_model()
+    x, t, y = _inputs()
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    token = int((~mask[0]).nonzero()[0])
+    row, col = divmod(token, 4)
+    changed = x.clone()
+    changed[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2] += 1.0
+    with torch.no_grad():
+        a = model(x, t, y, mask=mask).sample
+        b = model(changed, t, y, mask=mask).sample
+    assert not torch.allclose(a[0], b[0])
+    assert torch.equal(a[1], b[1])  # samples do not interact
+
+
+def test_without_decoder_removed_tokens_output_zeros():
+    model = tiny_model(decoder_num_layers=0)
+    x, t, y = _inputs()
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(x, t, y, mask=mask).sample
+    removed = mask.view(2, 4, 1, 4, 1).expand(2, 4, 2, 4, 2).reshape(2, 1, 8, 8).expand_as(out)
+    assert torch.all(out[removed] == 0)
+    assert torch.all(out[~removed] != 0)
+
+
+def test_empty_mask_equals_no_mask():
+    model = tiny_model()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        a = model(x, t, y).sample
+        b = model(x, t, y, mask=torch.zeros(2, 16, dtype=torch.bool)).sample
+    torch.testing.assert_close(a, b)
+
+
+def test_fresh_model_predicts_zero_because_adaln_zero():
+    model = MaskedDiTTransformer2DModel(**TINY)
+    x, t, y = _inputs()
+    assert torch.count_nonzero(model(x, t, y).sample) == 0
+    assert model.class_embedder.num_embeddings == 11  # ten classes + the null class
+
+
+def test_non_square_input_is_supported():
+    model = tiny_model()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 8, 12), torch.zeros(2), torch.tensor([0, 1]))
+    assert out.sample.shape == (2, 3, 8, 12)
+
+
+def test_unconditional_model_takes_no_labels():
+    model = tiny_model(num_classes=0)
+    x, t, _ = _inputs()
+    assert model(x, t).sample.shape == x.shape
+    with pytest.raises(ValueError, match="unconditional"):
+        model(x, t, torch.tensor([0, 1]))
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = MaskedDiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(model.config)
+    x, t, y = _inputs()
+    mask = random_mask(2, 16, 0.25, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, mask=mask).sample, loaded(x, t, y, mask=mask).sample)
+
+
+def test_config_round_trip():
+    model = tiny_model()
+    rebuilt = MaskedDiTTransformer2DModel.from_config(model.config)
+    assert dict(rebuilt.config) == dict(model.config)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model().train()
+    x, t, y = _inputs()
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        model(x, t, y, mask=mask).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_forward_is_finite():
+    model = tiny_model()
+    x, t, y = _inputs()
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t * 10, y, mask=mask).sample
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: m(torch.randn(2, 3, 7, 8), torch.zeros(2), torch.tensor([0, 1])), "divisible by patch_size"),
+        (lambda m: m(torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([0, 1])), "in_channels"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 11])), "class_labels"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([-1, 1])), "class_labels"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2)), "class_labels are required"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(3), torch.tensor([0, 1])), "timestep"),
+        (
+            lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 15, dtype=torch.bool)),
+            "mask must have shape",
+        ),
+        (
+            lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.tensor([[True] * 2 + [False] * 14, [True] * 3 + [False] * 13])),
+            "same number",
+        ),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(call, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+def test_mask_of_wrong_dtype_is_a_type_error():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="dtype"):
+        model(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 16, dtype=torch.int64))
+
+
+def test_bad_config_is_a_value_error():
+    with pytest.raises(ValueError, match="sample_size"):
+        MaskedDiTTransformer2DModel(sample_size=9, patch_size=2)
+    with pytest.raises(ValueError, match="num_classes"):
+        MaskedDiTTransformer2DModel(**{**TINY, "num_classes": -1})
