@@ -140,6 +140,18 @@ def test_forty_steps_make_seventy_nine_model_evaluations():
     assert scheduler.state_in_first_order
 
 
+def test_single_step_is_one_euler_step_to_the_denoised_sample():
+    scheduler = EDMHeunScheduler()
+    scheduler.set_timesteps(1)
+    network = EDMNetwork(toy_denoiser)
+    x = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 80.0
+
+    result, _ = sample(scheduler, network, x.float())
+
+    assert len(network.sigmas_seen) == 1
+    torch.testing.assert_close(result.double(), toy_denoiser(x, 80.0), rtol=1e-5, atol=1e-5)
+
+
 def test_sigma_endpoints_and_timesteps_are_c_noise():
     scheduler = EDMHeunScheduler()
     scheduler.set_timesteps(40)
