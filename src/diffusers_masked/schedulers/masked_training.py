@@ -222,8 +222,8 @@ class MaskedTrainingMixin:
             dsm_loss = ((dsm_per_token * visible).sum(dim=1) / visible.sum(dim=1)).mean()
             if mae_loss_weight > 0 and num_removed > 0:
                 removed = mask.float()
-                target = _normalize_patches(patchify(noisy, patch_size))  # [B, N, p*p*C]
-                mae_per_token = (patchify(prediction, patch_size) - target).pow(2).mean(dim=-1)  # [B, N]
+                mae_target = _normalize_patches(patchify(noisy, patch_size))  # [B, N, p*p*C]
+                mae_per_token = (patchify(prediction, patch_size) - mae_target).pow(2).mean(dim=-1)  # [B, N]
                 mae_loss = ((mae_per_token * removed).sum(dim=1) / removed.sum(dim=1)).mean()
                 loss = dsm_loss + mae_loss_weight * mae_loss
             else:
