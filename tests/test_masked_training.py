@@ -440,3 +440,16 @@ def test_unsupported_scheduler_raises_type_error_naming_the_supported_ones(model
 
     with pytest.raises(TypeError, match="EDMEulerScheduler.*DDPMScheduler"):
         MaskedEulerDiscreteScheduler().masked_training_loss(model, batch[0])
+
+
+def test_diffusers_pipeline_loader_recognises_it_as_a_scheduler():
+    # DiffusionPipeline.from_pretrained resolves each component from the module named in model_index.json and checks
+    # it against the loadable base classes found in that module.
+    from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES, get_class_obj_and_candidates
+
+    class_obj, candidates = get_class_obj_and_candidates(
+        MaskedDDPMScheduler.__module__, "MaskedDDPMScheduler", ALL_IMPORTABLE_CLASSES, None, False
+    )
+
+    assert class_obj is MaskedDDPMScheduler
+    assert issubclass(class_obj, candidates["SchedulerMixin"])

@@ -245,3 +245,16 @@ def test_bad_num_inference_steps_raises(bad):
 def test_bad_training_noise_distribution_raises():
     with pytest.raises(ValueError, match="P_std"):
         EDMHeunScheduler(P_std=0.0)
+
+
+def test_diffusers_pipeline_loader_recognises_it_as_a_scheduler():
+    # DiffusionPipeline.from_pretrained resolves each component from the module named in model_index.json and checks
+    # it against the loadable base classes found in that module.
+    from diffusers.pipelines.pipeline_loading_utils import ALL_IMPORTABLE_CLASSES, get_class_obj_and_candidates
+
+    class_obj, candidates = get_class_obj_and_candidates(
+        EDMHeunScheduler.__module__, "EDMHeunScheduler", ALL_IMPORTABLE_CLASSES, None, False
+    )
+
+    assert class_obj is EDMHeunScheduler
+    assert issubclass(class_obj, candidates["SchedulerMixin"])

@@ -25,6 +25,10 @@ from diffusers import (
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
 )
+
+# DiffusionPipeline.from_pretrained recognises a saved component as a scheduler by finding SchedulerMixin in the
+# module named in model_index.json, so it must be importable from here.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 

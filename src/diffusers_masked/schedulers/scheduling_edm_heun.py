@@ -10,6 +10,10 @@ from diffusers import EDMEulerScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 
+# DiffusionPipeline.from_pretrained recognises a saved component as a scheduler by finding SchedulerMixin in the
+# module named in model_index.json, so it must be importable from here.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+
 from .masked_training import MaskedTrainingMixin
 
 
