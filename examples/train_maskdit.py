@@ -47,6 +47,7 @@ from diffusers_masked.data import (
     load_image_dataset,
     make_preprocess,
     sample_latents,
+    verify_images,
 )
 from diffusers_masked.masking import (
     MASK_TYPES,
@@ -123,6 +124,11 @@ def parse_args(argv=None):
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--num_classes", type=int, default=None, help="Defaults to the label column's class count.")
+    parser.add_argument(
+        "--skip_image_verification",
+        action="store_true",
+        help="Don't decode every image once before training (a corrupt file then fails when its batch is drawn).",
+    )
     parser.add_argument("--vae", type=str, default=None, help="AutoencoderKL path or Hub id; enables latent space.")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' inside a full pipeline repo.")
     parser.add_argument("--latent_batch_size", type=int, default=32, help="Batch size of latent pre-extraction.")
@@ -397,6 +403,10 @@ def load_training_data(args, accelerator):
         num_channels = 3
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if not args.builtin_digits and not args.skip_image_verification:
+        # A corrupt file should stop the run now, by name, not hours in when its batch comes up.
+        with accelerator.main_process_first():
+            verify_images(dataset)
 
     transform = build_transforms(
         args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels
@@ -655,7 +665,7 @@ def main(args):
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config)
-    accelerator.wait_for_everyone()
+    check_ranks_agree(accelerator, model)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
         if ema is not None:
@@ -695,6 +705,19 @@ def main(args):
             pipeline.push_to_hub(repo_id, model_card=card, token=args.hub_token)
     accelerator.end_training()
     return global_step
+
+
+def check_ranks_agree(accelerator, model):
+    """Data-parallel ranks must end with identical weights; compare a checksum of every parameter."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()]
+    flat = torch.cat(params)
+    checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum()])
+    gathered = accelerator.gather(checksum[None])
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"data-parallel ranks hold different weights: checksums {gathered.tolist()}")
+    logger.info(f"all {accelerator.num_processes} ranks hold identical weights (checksum {checksum.tolist()})")
 
 
 def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir):

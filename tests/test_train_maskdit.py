@@ -1,0 +1,309 @@
+"""examples/train_maskdit.py: unit tests of its pieces, and tiny end-to-end runs through `accelerate launch`."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_maskdit.py"
+TINY_MODEL = json.dumps(
+    {
+        "patch_size": 2,
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "decoder_num_layers": 1,
+        "decoder_num_attention_heads": 2,
+        "decoder_attention_head_dim": 16,
+    }
+)
+TINY_RUN = [
+    "--model_config", TINY_MODEL,
+    "--resolution", "8",
+    "--train_batch_size", "16",
+    "--num_inference_steps", "2",
+    "--num_validation_images_per_class", "1",
+    "--validation_classes", "3",
+    "--num_eval_samples_per_class", "0",
+    "--validation_steps", "0",
+    "--report_to", "none",
+]  # fmt: skip
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_maskdit", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script()
+
+
+def _env(**extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    return env
+
+
+def _launch_cmd(*args, num_processes=1):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        cmd += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true: torchrun + gloo on the CPU
+    return cmd + [str(SCRIPT), *TINY_RUN, *args]
+
+
+def _launch(*args, num_processes=1, timeout=600, check=True):
+    env = _env(ACCELERATE_USE_CPU="true")
+    result = subprocess.run(
+        _launch_cmd(*args, num_processes=num_processes), env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def test_step_batch_sampler_is_a_function_of_the_batch_index():
+    full = train.StepBatchSampler(100, 8, 1, 0, seed=3)
+    stream = iter(full)
+    batches = [next(stream) for _ in range(30)]
+    resumed = iter(train.StepBatchSampler(100, 8, 1, 0, seed=3, start_batch=17))
+    assert [next(resumed) for _ in range(13)] == batches[17:]
+    # an epoch (12 batches of 8 from 100) visits distinct examples
+    first_epoch = sum(batches[:12], [])
+    assert len(set(first_epoch)) == 96
+
+
+def test_step_batch_sampler_splits_each_global_batch_between_processes():
+    ranks = [iter(train.StepBatchSampler(64, 4, 2, rank, seed=0)) for rank in range(2)]
+    single = iter(train.StepBatchSampler(64, 8, 1, 0, seed=0))
+    for _ in range(10):
+        rank0, rank1 = next(ranks[0]), next(ranks[1])
+        assert not set(rank0) & set(rank1)
+        assert rank0 + rank1 == next(single)
+
+
+def test_sampler_rejects_a_dataset_smaller_than_a_batch():
+    with pytest.raises(ValueError, match="train_batch_size"):
+        train.StepBatchSampler(10, 8, 2, 0, seed=0)
+
+
+def test_phases_and_cosine_unmasking_schedule():
+    args = train.parse_args(["--max_train_steps", "10", "--unmask_tuning_steps", "4", "--unmask_schedule", "cosine"])
+    masked, unmask = train.build_phases(args)
+    assert (masked.start, masked.end, unmask.start, unmask.end) == (0, 10, 10, 14)
+    assert masked.ratio(5) == 0.5
+    assert unmask.ratio(10) == 0.5 and unmask.ratio(14) == pytest.approx(0.0)
+    assert unmask.ratio(12) == pytest.approx(0.5 * np.cos(np.pi / 4) ** 4)
+
+
+def test_built_in_default_applies_the_digits_recipe_and_user_flags_win():
+    args = train.parse_args([])
+    assert args.builtin_digits and args.output_dir == "maskdit-digits" and args.resolution == 16
+    assert train.parse_args(["--resolution", "24"]).resolution == 24
+    assert train.parse_args(["--train_data_dir", "x"]).ema_decay == 0.9999  # the paper's EMA for real data
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--mask_ratio", "1.0"], "mask_ratio"),
+        (["--mask_schedule", '{"type": "staged", "stages": [[5, 0.9], [2, 0.5]]}'], "increasing"),
+        (["--mask_schedule", "often"], "mask_schedule"),
+        (["--class_dropout_prob", "1.5"], "class_dropout_prob"),
+        (["--max_train_steps", "0", "--unmask_tuning_steps", "0"], "nothing to train"),
+        (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
+    ],
+)
+def test_bad_flags_exit_with_a_message_naming_them(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_list_checkpoints_ignores_partial_and_unfinished_folders(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", ".partial-checkpoint-12", "checkpoint-11"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10", ".partial-checkpoint-12"):
+        (tmp_path / name / train.TRAINING_STATE_FILE).write_text("{}")
+    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_tiny_run_leaves_a_loadable_pipeline_grid_card_logs_and_limited_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    _launch(
+        "--output_dir", str(out),
+        "--max_train_steps", "4",
+        "--unmask_tuning_steps", "2",
+        "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2",
+        "--validation_steps", "3",
+        "--report_to", "tensorboard",
+    )  # fmt: skip
+    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
+    assert not list(out.glob(".partial-*"))
+    assert (out / "samples.png").exists() and (out / "validation" / "step-0000003.png").exists()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "maskdit" in card and '"mae_loss_weight": 0.1' in card
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (8 * 2, 8 * 3)  # 3 classes x 2 samples of 8x8
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[0, 9], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    assert json.loads((out / "checkpoint-6" / train.TRAINING_STATE_FILE).read_text())["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_resume_from_latest_continues_the_step_count(tmp_path):
+    out = tmp_path / "run"
+    _launch("--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2")
+    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    result = _launch(
+        "--output_dir", str(out),
+        "--max_train_steps", "5",
+        "--unmask_tuning_steps", "0",
+        "--checkpointing_steps", "2",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert "at step 3" in result.stderr
+    assert [p.name for p in train.list_checkpoints(out)][-1] == "checkpoint-5"
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    common = ["--max_train_steps", "60", "--unmask_tuning_steps", "20", "--checkpointing_steps", "10"]
+    reference = tmp_path / "reference"
+    _launch("--output_dir", str(reference), *common)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _launch_cmd("--output_dir", str(killed), *common),
+        env=_env(ACCELERATE_USE_CPU="true"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-30").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint-30 within 300 s"
+        time.sleep(0.02)
+    still_running = process.poll() is None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert still_running, "the run finished before the kill; the test proved nothing"
+    assert not (killed / "model_index.json").exists()
+
+    result = _launch("--output_dir", str(killed), *common, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in result.stderr
+    _assert_same_weights(
+        _weights(killed / "transformer" / "diffusion_pytorch_model.safetensors"),
+        _weights(reference / "transformer" / "diffusion_pytorch_model.safetensors"),
+    )
+    _assert_same_weights(
+        _weights(killed / "checkpoint-80" / "model.safetensors"), _weights(reference / "checkpoint-80" / "model.safetensors")
+    )
+
+
+@pytest.mark.slow
+def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_path):
+    out = tmp_path / "ddp"
+    result = _launch(
+        "--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "2", "--train_batch_size", "8",
+        num_processes=2,
+    )  # fmt: skip
+    assert "all 2 ranks hold identical weights" in result.stderr
+    assert (out / "model_index.json").exists()
+
+
+def _write_imagefolder(root, num_per_class=8, size=12, rgb=True):
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(num_per_class):
+            shape = (size, size, 3) if rgb else (size, size)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / label / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_in_an_imagefolder_fails_naming_the_file(tmp_path):
+    data = tmp_path / "data"
+    _write_imagefolder(data)
+    (data / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    result = _launch("--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", check=False)
+    assert result.returncode != 0
+    assert "broken.png" in result.stderr
+
+
+@pytest.mark.slow
+def test_vae_run_extracts_latents_once_and_reuses_the_cache(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "data"
+    _write_imagefolder(data, size=16)
+    cache = tmp_path / "cache"
+    args = [
+        "--train_data_dir", str(data), "--vae", str(tmp_path / "vae"), "--cache_dir", str(cache),
+        "--resolution", "16", "--max_train_steps", "2", "--unmask_tuning_steps", "1",
+    ]  # fmt: skip
+    _launch(*args, "--output_dir", str(tmp_path / "a"))
+    caches = sorted(p.name for p in cache.iterdir() if p.name.startswith("latents-"))
+    assert len(caches) == 1
+    stamp = (cache / caches[0]).stat().st_mtime_ns
+    _launch(*args, "--output_dir", str(tmp_path / "b"))
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith("latents-")) == caches
+    assert (cache / caches[0]).stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    from diffusers_masked import MaskDiTPipeline
+
+    pipe = MaskDiTPipeline.from_pretrained(tmp_path / "b")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.in_channels == 4 and pipe.vae is not None
+    assert pipe(class_labels=["cat"], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
