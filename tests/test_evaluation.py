@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import json
 import socket
@@ -299,3 +300,16 @@ def test_loading_the_classifier_leaves_the_global_rng_alone(classifier, cache_di
     state = torch.get_rng_state()
     get_digits_classifier(resolution=16, cache_dir=cache_dir, seed=0)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_unusable_cached_classifier_is_replaced(classifier, tmp_path, monkeypatch, caplog):
+    cached = tmp_path / "digits-classifier-v1-r16-s0.safetensors"
+    cached.write_bytes(b"not a safetensors file")
+    trained = copy.deepcopy(classifier)
+    monkeypatch.setattr(evaluation, "_train_digits_classifier", lambda resolution, seed: (trained, 0.5))
+    assert get_digits_classifier(resolution=16, cache_dir=tmp_path).heldout_accuracy == 0.5
+    assert "unusable cached digits classifier" in caplog.text
+    monkeypatch.setattr(evaluation, "_train_digits_classifier", None)  # the rewritten file now loads
+    reloaded = get_digits_classifier(resolution=16, cache_dir=tmp_path)
+    torch.testing.assert_close(reloaded.head.weight, classifier.head.weight, rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]

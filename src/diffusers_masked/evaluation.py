@@ -224,6 +224,41 @@ def _train_digits_classifier(resolution: int, seed: int) -> tuple[DigitsClassifi
     return classifier, classification_accuracy(heldout_images, heldout_labels, classifier)
 
 
+def _load_digits_classifier(path: Path, resolution: int, seed: int) -> tuple[DigitsClassifier, float] | None:
+    """The cached classifier and its held-out accuracy, or `None` (with a warning) if the file is unusable."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    classifier = _new_digits_classifier(resolution, seed)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            heldout_accuracy = float(f.metadata()["heldout_accuracy"])
+        classifier.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
+        logger.warning(f"Ignoring the unusable cached digits classifier {path} ({err}); training a new one")
+        return None
+    return classifier, heldout_accuracy
+
+
+def _save_digits_classifier(classifier: DigitsClassifier, heldout_accuracy: float, path: Path) -> None:
+    """Write to a temporary file and rename it, so that no reader ever sees a partial file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        metadata = {
+            "resolution": str(classifier.resolution),
+            "heldout_accuracy": repr(heldout_accuracy),
+        }
+        save_file(classifier.state_dict(), tmp_path, metadata=metadata)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
 def get_digits_classifier(resolution: int = 16, cache_dir: str | os.PathLike | None = None, seed: int = 0):
     """The digits classifier for ``resolution``, trained once (a few seconds on a CPU) and cached.
 
@@ -231,7 +266,8 @@ def get_digits_classifier(resolution: int = 16, cache_dir: str | os.PathLike | N
     with small random shifts, and measured on the ``"heldout"`` part (about 99% at 16×16). The weights are saved as
     ``<cache_dir>/digits-classifier-v1-r<resolution>-s<seed>.safetensors`` (written to a temporary file and
     renamed, so concurrent runs never read a partial file) with the held-out accuracy in the file's metadata;
-    later calls load that file instead of training.
+    later calls load that file instead of training. A file that cannot be loaded (corrupt, or from an
+    incompatible version) is replaced by a freshly trained classifier, with a warning.
 
     Args:
         resolution (`int`, defaults to 16): input side of the classifier.
@@ -241,32 +277,17 @@ def get_digits_classifier(resolution: int = 16, cache_dir: str | os.PathLike | N
     Returns:
         `DigitsClassifier`: in eval mode, gradients off, with ``heldout_accuracy`` (`float`) set.
     """
-    from safetensors.torch import load_file, save_file
-
     cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     path = cache_dir / f"digits-classifier-v{_CLASSIFIER_VERSION}-r{resolution}-s{seed}.safetensors"
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            heldout_accuracy = float(f.metadata()["heldout_accuracy"])
-        classifier = _new_digits_classifier(resolution, seed)
-        classifier.load_state_dict(load_file(str(path)))
+    loaded = _load_digits_classifier(path, resolution, seed) if path.is_file() else None
+    if loaded is not None:
+        classifier, heldout_accuracy = loaded
     else:
         classifier, heldout_accuracy = _train_digits_classifier(resolution, seed)
         logger.info(
             f"Trained the {resolution}x{resolution} digits classifier: held-out accuracy {heldout_accuracy:.4f}"
         )
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{path.name}-", dir=cache_dir)
-        os.close(fd)
-        try:
-            metadata = {"resolution": str(resolution), "seed": str(seed), "heldout_accuracy": repr(heldout_accuracy)}
-            save_file(classifier.state_dict(), tmp_path, metadata=metadata)
-            os.replace(tmp_path, path)
-        finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
+        _save_digits_classifier(classifier, heldout_accuracy, path)
     classifier.eval().requires_grad_(False)
     classifier.heldout_accuracy = heldout_accuracy
     return classifier
