@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 # Every test runs offline: nothing may be fetched from the Hub or any URL.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches the tests create (the digits classifier) go to a throw-away folder, not the user's ~/.cache.
+os.environ.setdefault("DIFFUSERS_MASKED_CACHE", tempfile.mkdtemp(prefix="diffusers-masked-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -32,7 +32,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("~/.cache/diffusers_masked")
+# Where the digits classifier is cached when no cache_dir is given; DIFFUSERS_MASKED_CACHE overrides it.
+DEFAULT_CACHE_DIR = Path(os.environ.get("DIFFUSERS_MASKED_CACHE", "~/.cache/diffusers_masked"))
 # Share of the digits kept out of the classifier's training data; the same split gives the FID floor.
 DIGITS_HOLDOUT_FRACTION = 0.2
 # Part of the cache file name: bump when the classifier's architecture or training recipe changes.
