@@ -307,3 +307,20 @@ def test_vae_run_extracts_latents_once_and_reuses_the_cache(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.config.in_channels == 4 and pipe.vae is not None
     assert pipe(class_labels=["cat"], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # An absurd learning rate makes the weights overflow after the first update.
+    result = _launch(
+        "--output_dir", str(out), "--max_train_steps", "6", "--unmask_tuning_steps", "0",
+        "--checkpointing_steps", "1", "--learning_rate", "1e30", "--lr_warmup_steps", "0",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "non-finite loss at step 1" in result.stderr
+    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-1"]
+    weights = _weights(out / "checkpoint-1" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "model_index.json").exists()
