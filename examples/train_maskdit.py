@@ -82,13 +82,13 @@ DIGITS_DEFAULTS = {
         }
     ),
     "train_batch_size": 128,
-    "max_train_steps": 3000,
-    "unmask_tuning_steps": 500,
+    "max_train_steps": 1500,
+    "unmask_tuning_steps": 300,
     "learning_rate": 5e-4,
     "lr_warmup_steps": 200,
     "ema_decay": 0.999,
     "ema_warmup": True,
-    "validation_steps": 1000,
+    "validation_steps": 500,
     "checkpointing_steps": 500,
     "num_eval_samples_per_class": 36,
 }
