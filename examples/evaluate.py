@@ -14,11 +14,8 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 
 from diffusers_masked.evaluation import evaluate_pipeline_on_digits
-
-logger = logging.getLogger("evaluate")
 
 
 def parse_args(argv=None):
@@ -52,14 +49,10 @@ def parse_args(argv=None):
 
 
 def load_pipeline(pipeline_dir: str):
-    """`DiffusionPipeline.from_pretrained`, or the package's `MaskDiTPipeline` if diffusers cannot resolve the class."""
-    try:
-        return DiffusionPipeline.from_pretrained(pipeline_dir, trust_remote_code=True)
-    except (OSError, ValueError, ImportError, AttributeError, TypeError) as err:
-        logger.warning(f"DiffusionPipeline.from_pretrained failed ({err}); loading with MaskDiTPipeline")
-        from diffusers_masked import MaskDiTPipeline
+    """Load a saved `MaskDiTPipeline` folder (or Hub id); its shim is checked, so no `trust_remote_code` is needed."""
+    from diffusers_masked import MaskDiTPipeline
 
-        return MaskDiTPipeline.from_pretrained(pipeline_dir)
+    return MaskDiTPipeline.from_pretrained(pipeline_dir)
 
 
 def format_table(results: dict) -> str:
