@@ -21,6 +21,7 @@ from diffusers_masked.data import (
     sample_latents,
     verify_images,
 )
+from tests.tiny import tiny_vae
 
 # ---------------------------------------------------------------------------------------------------------
 # Digits
@@ -235,18 +236,7 @@ def test_verify_images_counts_a_clean_dataset(image_folder, tmp_path):
 
 @pytest.fixture
 def vae_dir(tmp_path):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        layers_per_block=1,
-    )
+    vae = tiny_vae(num_blocks=1)
     vae.save_pretrained(tmp_path / "vae")
     return tmp_path / "vae"
 

@@ -3,28 +3,13 @@ import torch
 
 from diffusers_masked.masking import random_mask
 from diffusers_masked.models.masked_dit import MaskedDiTTransformer2DModel
+from tests.tiny import TINY_TRANSFORMER, tiny_transformer
 
-TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=3,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=8,
-    decoder_num_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_attention_head_dim=8,
-    num_classes=10,
-)
+TINY = TINY_TRANSFORMER
 
 
 def tiny_model(**overrides):
-    model = MaskedDiTTransformer2DModel(**{**TINY, **overrides})
-    # adaLN-Zero starts every block and the output at zero; give every weight a value so outputs carry signal.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
+    return tiny_transformer(**overrides)
 
 
 def _inputs(batch=2, size=8, channels=3):

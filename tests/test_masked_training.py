@@ -14,11 +14,11 @@ from diffusers import EDMEulerScheduler, EulerDiscreteScheduler
 from diffusers_masked import (
     EDMHeunScheduler,
     MaskedDDPMScheduler,
-    MaskedDiTTransformer2DModel,
     MaskedTrainingMixin,
     drop_class_labels,
     random_mask,
 )
+from tests.tiny import tiny_transformer
 
 PATCH = 2
 BATCH, CHANNELS, SIZE = 4, 3, 8
@@ -29,23 +29,9 @@ NUM_CLASSES = 10
 def tiny_model(seed=0):
     """The real MaskDiT model, with parameters re-drawn so that the zero-initialised output layers do not make every
     prediction zero."""
-    model = MaskedDiTTransformer2DModel(
-        sample_size=SIZE,
-        patch_size=PATCH,
-        in_channels=CHANNELS,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        decoder_num_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_attention_head_dim=8,
-        num_classes=NUM_CLASSES,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model
+    return tiny_transformer(
+        seed=seed, sample_size=SIZE, patch_size=PATCH, in_channels=CHANNELS, num_classes=NUM_CLASSES
+    ).train()
 
 
 @pytest.fixture(scope="module")

@@ -10,42 +10,15 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from huggingface_hub import EvalResult, HfApi
 
-from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline, MaskedDiTTransformer2DModel
+from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline
+from tests import tiny
+from tests.tiny import tiny_vae
 
 ID2LABEL = {i: name for i, name in enumerate(["zero", "one", "two,deux", "three"])}
 
 
 def tiny_transformer(in_channels=1, sample_size=8, num_classes=4):
-    model = MaskedDiTTransformer2DModel(
-        sample_size=sample_size,
-        patch_size=2,
-        in_channels=in_channels,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        decoder_num_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_attention_head_dim=8,
-        num_classes=num_classes,
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
+    return tiny.tiny_transformer(scale=0.1, in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.tiny import tiny_vae
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_maskdit.py"
 TINY_MODEL = json.dumps(
@@ -272,19 +274,7 @@ def test_a_corrupt_image_in_an_imagefolder_fails_naming_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_vae_run_extracts_latents_once_and_reuses_the_cache(tmp_path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     data = tmp_path / "data"
     _write_imagefolder(data, size=16)
