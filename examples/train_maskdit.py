@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -487,6 +487,15 @@ def main(args):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and args.use_ema:
+        raise ValueError(
+            "--use_ema is not supported under FSDP: EMAModel keeps a full copy of parameters that FSDP shards; "
+            "pass --no-use_ema or train with DDP"
+        )
+    if sharded and args.validation_steps:
+        logger.warning("FSDP: mid-training validation grids are skipped (sampling would need every rank)")
+        args.validation_steps = 0
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -665,9 +674,13 @@ def main(args):
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config)
-    check_ranks_agree(accelerator, model)
+    if not sharded:
+        check_ranks_agree(accelerator, model)
+    # Under FSDP this gathers the shards (a collective: every rank calls it).
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model)
+        final_model = MaskedDiTTransformer2DModel.from_config(accelerator.unwrap_model(model).config)
+        final_model.load_state_dict(state_dict)
         if ema is not None:
             ema.copy_to(final_model.parameters())
         final_model.eval()
