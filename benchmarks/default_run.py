@@ -36,9 +36,11 @@ def main():
     cmd += [str(REPO / "examples" / "train_maskdit.py"), "--output_dir", args.output_dir, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     print(" ".join(cmd), flush=True)
+    load_before = os.getloadavg()
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
     wall = time.perf_counter() - start
+    load_after = os.getloadavg()
 
     out = Path(args.output_dir)
     metrics = json.loads((out / "eval_results.json").read_text())
@@ -59,6 +61,9 @@ def main():
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            # Other work on the machine inflates the wall time; a load above the core count means it was shared.
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
         },
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
