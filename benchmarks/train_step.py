@@ -1,0 +1,554 @@
+"""Training-step benchmark: MaskedDiTTransformer2DModel against diffusers' DiTTransformer2DModel.
+
+For each DiT size it times one training step (forward, loss, backward, AdamW step) and measures its peak memory for
+
+* diffusers' ``DiTTransformer2DModel`` with the same encoder (4 -> 8 channels: DiT also learns sigma),
+* ours with MaskDiT's decoder (8 blocks x 512) and with a lighter one (see :func:`light_decoder`), at each mask ratio,
+
+and, unless ``--skip_flops``, counts the forward FLOPs of the XL/2 models. It prints a table and writes JSON.
+
+    python benchmarks/train_step.py                   # S/2, batch 8, 4x32x32 latents, XL/2 FLOPs (~10 min, 2 cores)
+    python benchmarks/train_step.py --sizes S/2 B/2   # the table in docs/benchmarks.md (~23 min)
+
+Fairness: every model runs in train mode, with the same inputs, the same number of threads and the same AdamW
+settings. Each configuration (model and mask ratio) lives in a fresh process of its own, so its peak RSS is its own.
+For each mask ratio our two models step in turn with diffusers' DiT, one step at a time, and each is compared with
+the DiT steps taken alongside it, so the load of a shared machine falls on both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusers_masked.masking import patchify, random_mask
+from diffusers_masked.models.masked_dit import MaskedDiTTransformer2DModel
+
+IN_CHANNELS = 4
+NUM_CLASSES = 1000
+DIT_OUT_CHANNELS = 8  # DiT predicts the noise and a variance interpolation per channel
+MAE_LOSS_WEIGHT = 0.1
+LEARNING_RATE = 1e-4
+
+# The light decoder: two blocks about a third of the encoder's width, in heads as wide as MaskDiT decoder's (32).
+LIGHT_DECODER_LAYERS = 2
+LIGHT_DECODER_HEAD_DIM = 32
+
+# Quoted, not measured: the official MaskDiT XL/2 at mask ratio 0.5, forward FLOPs over DiT-XL/2's as
+# torch's FlopCounterMode counts them on CPU (no SDPA), and the ratio the MaskDiT paper reports.
+QUOTED_OFFICIAL_MASKDIT_FLOPS_RATIO = 0.558
+QUOTED_PAPER_MASKDIT_FLOPS_RATIO = 0.540
+
+TARGET_FLOPS_PAPER_DECODER = QUOTED_OFFICIAL_MASKDIT_FLOPS_RATIO  # XL/2, mask 0.5, counted without SDPA
+TARGET_FLOPS_LIGHT_DECODER = 0.52  # XL/2, mask 0.5, counted without SDPA
+TARGET_STEP_MASKED = 0.55  # light decoder, mask 0.5, step time over diffusers DiT's
+TARGET_STEP_UNMASKED = 1.0  # light decoder, mask 0, step time over diffusers DiT's
+FLOPS_PRESET = "XL/2"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["S/2"],
+        help="DiT presets to time. S/2 alone keeps the default run near 10 minutes on 2 CPU cores; B/2 adds ~13.",
+    )
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=32, help="Side of the latent input (4 channels).")
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per configuration; the median is reported.")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="Untimed steps per configuration first; peak memory is read after them."
+    )
+    parser.add_argument("--mask_ratios", nargs="+", type=float, default=[0.0, 0.5, 0.75])
+    parser.add_argument("--skip_flops", action="store_true", help=f"Do not count the {FLOPS_PRESET} forward FLOPs.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="Precisions to time (bf16 = autocast); default fp32, plus bf16 on CUDA.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every model. 1 keeps CPU times steady on a shared machine, where a second OpenMP "
+        "thread waiting on a descheduled peer made steps several times slower and erratic; use all cores on an "
+        "idle machine.",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup < 2:
+        parser.error(
+            f"--warmup must be >= 2 (the second step is the first with AdamW's state allocated, which peak memory "
+            f"must include), got {args.warmup}"
+        )
+    for ratio in args.mask_ratios:
+        if not 0 <= ratio < 1:
+            parser.error(f"mask ratios must be in [0, 1), got {ratio}")
+    for size in args.sizes:
+        MaskedDiTTransformer2DModel.preset_config(size)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and the training step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def light_decoder(preset: str) -> dict:
+    """``LIGHT_DECODER_LAYERS`` blocks of width ~encoder/3 (a multiple of ``LIGHT_DECODER_HEAD_DIM``).
+
+    Its cost per token is then (1/3)^2 of an encoder block's per block, so both blocks together cost about 2/9 of one
+    encoder block over all tokens: ~2% of a 12-block encoder, ~1% of a 28-block one."""
+    config = MaskedDiTTransformer2DModel.preset_config(preset)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    heads = max(1, round(width / 3 / LIGHT_DECODER_HEAD_DIM))
+    return {
+        "decoder_num_layers": LIGHT_DECODER_LAYERS,
+        "decoder_num_attention_heads": heads,
+        "decoder_attention_head_dim": LIGHT_DECODER_HEAD_DIM,
+    }
+
+
+def decoder_label(kind: str, preset: str) -> str:
+    if kind == "dit":
+        return "-"
+    config = MaskedDiTTransformer2DModel.preset_config(preset)
+    if kind == "light":
+        config = {**config, **light_decoder(preset)}
+    width = config["decoder_num_attention_heads"] * config["decoder_attention_head_dim"]
+    return f"{config['decoder_num_layers']}x{width}" + (" paper" if kind == "paper" else " light")
+
+
+def build_model(kind: str, preset: str, resolution: int) -> torch.nn.Module:
+    """``kind``: ``"dit"`` (diffusers), ``"paper"`` (ours, MaskDiT's 8x512 decoder) or ``"light"`` (ours)."""
+    if kind == "dit":
+        config = MaskedDiTTransformer2DModel.preset_config(preset)
+        return DiTTransformer2DModel(
+            num_attention_heads=config["num_attention_heads"],
+            attention_head_dim=config["attention_head_dim"],
+            num_layers=config["num_layers"],
+            in_channels=IN_CHANNELS,
+            out_channels=DIT_OUT_CHANNELS,
+            sample_size=resolution,
+            patch_size=config["patch_size"],
+            num_embeds_ada_norm=NUM_CLASSES,
+        )
+    overrides = light_decoder(preset) if kind == "light" else {}
+    return MaskedDiTTransformer2DModel.from_preset(
+        preset, sample_size=resolution, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **overrides
+    )
+
+
+def make_batch(batch_size: int, resolution: int, seed: int, device) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    batch = {
+        "x": torch.randn(batch_size, IN_CHANNELS, resolution, resolution, generator=generator),
+        "timestep": torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator),
+        "class_labels": torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator),
+        "target": torch.randn(batch_size, IN_CHANNELS, resolution, resolution, generator=generator),
+    }
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+def training_loss(model: torch.nn.Module, batch: dict, mask: torch.Tensor | None) -> torch.Tensor:
+    """Ours: MSE on the visible tokens + ``MAE_LOSS_WEIGHT`` x MSE on the removed ones. diffusers' DiT: MSE over
+    every token on its first ``IN_CHANNELS`` output channels (the others are its variance output)."""
+    if isinstance(model, DiTTransformer2DModel):
+        sample = model(batch["x"], timestep=batch["timestep"], class_labels=batch["class_labels"]).sample
+        return F.mse_loss(sample[:, :IN_CHANNELS], batch["target"])
+    sample = model(batch["x"], batch["timestep"], batch["class_labels"], mask=mask).sample
+    patch = model.config.patch_size
+    error = (patchify(sample, patch) - patchify(batch["target"], patch)).square().mean(dim=-1)  # [B, N]
+    if mask is None:
+        return error.mean()
+    removed = mask.to(error.dtype)
+    visible = 1 - removed
+    return (error * visible).sum() / visible.sum() + MAE_LOSS_WEIGHT * (error * removed).sum() / removed.sum()
+
+
+def train_step(model, optimizer, batch, mask, autocast_dtype) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    device_type = batch["x"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = training_loss(model, batch, mask)
+    loss.backward()
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One process per configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def max_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def _worker(conn, spec: dict) -> None:
+    """Serve one model at one mask ratio: ``"warmup"`` -> peak memory in bytes, ``"step"`` -> seconds, ``None`` ends.
+
+    On CPU the memory is how far the process's peak RSS grew over its value before the model was built: weights,
+    gradients, AdamW state and activations. On CUDA it is ``max_memory_allocated``."""
+    try:
+        torch.set_num_threads(spec["threads"])
+        device = torch.device(spec["device"])
+        autocast_dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
+        batch = make_batch(spec["batch_size"], spec["resolution"], spec["seed"], device)
+        rss_before = max_rss_bytes()
+        model = build_model(spec["kind"], spec["preset"], spec["resolution"]).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+        mask = None
+        if spec["mask_ratio"]:
+            num_tokens = (spec["resolution"] // model.config.patch_size) ** 2
+            generator = torch.Generator().manual_seed(spec["seed"])
+            mask = random_mask(spec["batch_size"], num_tokens, spec["mask_ratio"], generator=generator, device=device)
+
+        def synchronize():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        conn.send({"num_parameters": sum(p.numel() for p in model.parameters())})
+        while (command := conn.recv()) is not None:
+            if command == "warmup":
+                for _ in range(spec["warmup"]):
+                    train_step(model, optimizer, batch, mask, autocast_dtype)
+                synchronize()
+                conn.send(
+                    torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes() - rss_before
+                )
+            else:
+                synchronize()
+                start = time.perf_counter()
+                train_step(model, optimizer, batch, mask, autocast_dtype)
+                synchronize()
+                conn.send(time.perf_counter() - start)
+    except Exception:
+        conn.send(RuntimeError(f"benchmark worker for {spec} failed:\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+class ModelProcess:
+    """A fresh process holding one model at one mask ratio (so its peak memory is its own)."""
+
+    def __init__(self, context, spec: dict):
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_worker, args=(child_conn, spec), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self.num_parameters = self._receive()["num_parameters"]
+
+    def _receive(self):
+        reply = self.conn.recv()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def ask(self, command: str):
+        self.conn.send(command)
+        return self._receive()
+
+    def close(self):
+        self.conn.send(None)
+        self.process.join()
+
+
+def time_size(args, preset: str, dtype: str) -> list[dict]:
+    """Rows for one preset and precision: diffusers' DiT, then ours with each decoder at each mask ratio.
+
+    One phase per mask ratio: fresh processes for our two models at that ratio step in turn with diffusers' DiT
+    (one process throughout), so each of ours is compared with the DiT steps taken alongside it."""
+    context = multiprocessing.get_context("spawn")
+    common = {
+        "preset": preset,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "warmup": args.warmup,
+        "device": args.device,
+        "dtype": dtype,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    results = {}  # (kind, ratio) -> (num_parameters, memory, times, DiT times alongside)
+    dit = ModelProcess(context, {**common, "kind": "dit", "mask_ratio": None})
+    try:
+        dit_memory, dit_times = dit.ask("warmup"), []
+        for ratio in args.mask_ratios:
+            ours = {
+                kind: ModelProcess(context, {**common, "kind": kind, "mask_ratio": ratio})
+                for kind in ("paper", "light")
+            }
+            try:
+                memory = {kind: process.ask("warmup") for kind, process in ours.items()}
+                phase = [("dit", dit), *ours.items()]
+                times = {kind: [] for kind, _ in phase}
+                for step in range(args.steps):
+                    # Rotating the order keeps any model from always following the same other one.
+                    shift = step % len(phase)
+                    for kind, process in phase[shift:] + phase[:shift]:
+                        times[kind].append(process.ask("step"))
+                    print(f"  {preset} {dtype} mask {ratio}: step {step + 1}/{args.steps}", flush=True)
+            finally:
+                for process in ours.values():
+                    process.close()
+            for kind, process in ours.items():
+                results[kind, ratio] = (process.num_parameters, memory[kind], times[kind], times["dit"])
+            dit_times += times["dit"]
+        results["dit", None] = (dit.num_parameters, dit_memory, dit_times, dit_times)
+    finally:
+        dit.close()
+
+    rows = []
+    for kind, ratio in [("dit", None)] + [(kind, ratio) for kind in ("paper", "light") for ratio in args.mask_ratios]:
+        num_parameters, memory, times, dit_alongside = results[kind, ratio]
+        row = {
+            "size": preset,
+            "device": args.device,
+            "dtype": dtype,
+            "model": "diffusers DiT" if kind == "dit" else "ours",
+            "decoder": decoder_label(kind, preset),
+            "mask_ratio": ratio or 0.0,
+            "params_m": num_parameters / 1e6,
+            "step_s": statistics.median(times),
+            "step_s_all": times,
+            "dit_step_s_alongside": dit_alongside,
+            "vs_dit": statistics.median(times) / statistics.median(dit_alongside),
+            "vs_dit_min": min(times) / min(dit_alongside),
+            "memory_mib": memory / 2**20,
+            "target": None,
+            "passed": None,
+        }
+        if kind == "light" and ratio in (0.0, 0.5):
+            threshold = TARGET_STEP_UNMASKED if ratio == 0.0 else TARGET_STEP_MASKED
+            row["target"] = f"<= {threshold:.2f}x DiT"
+            row["passed"] = row["vs_dit"] <= threshold
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward FLOPs
+# ----------------------------------------------------------------------------------------------------------------
+
+# torch's FlopCounterMode has formulas for the CUDA SDPA kernels but not for this CPU one, so on CPU attention's
+# QK^T and AV products go uncounted. Counting them here through custom_mapping keeps them a separate line.
+CPU_SDPA_OPS = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu]
+
+
+def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and (softmax)V: 2 matmuls of 2*B*heads*N_q*N_k*head_dim FLOPs each."""
+    batch, heads, num_queries, head_dim = query_shape
+    num_keys = key_shape[-2]
+    return 4 * batch * heads * num_queries * num_keys * head_dim
+
+
+def count_forward_flops(model, batch: dict, mask) -> tuple[int, int]:
+    """Forward FLOPs as torch's FlopCounterMode counts them, and the SDPA FLOPs it leaves out on CPU."""
+    counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(CPU_SDPA_OPS, attention_flops))
+    with counter, torch.no_grad():
+        if isinstance(model, DiTTransformer2DModel):
+            model(batch["x"], timestep=batch["timestep"], class_labels=batch["class_labels"])
+        else:
+            model(batch["x"], batch["timestep"], batch["class_labels"], mask=mask)
+    by_op = counter.get_flop_counts()["Global"]
+    attention = sum(by_op.get(op, 0) for op in CPU_SDPA_OPS)
+    return counter.get_total_flops() - attention, attention
+
+
+def count_flops(args) -> list[dict]:
+    """Forward FLOPs of the XL/2 models for one sample, on CPU. (The meta device will not do: our model checks its
+    inputs' values, and there SDPA falls back to plain matmuls that FlopCounterMode does count.)"""
+    batch = make_batch(1, args.resolution, args.seed, "cpu")
+    num_tokens = (args.resolution // MaskedDiTTransformer2DModel.preset_config(FLOPS_PRESET)["patch_size"]) ** 2
+    rows = []
+    for kind in ("dit", "paper", "light"):
+        model = build_model(kind, FLOPS_PRESET, args.resolution).eval()
+        for ratio in [None] if kind == "dit" else args.mask_ratios:
+            mask = random_mask(1, num_tokens, ratio, torch.Generator().manual_seed(args.seed)) if ratio else None
+            counted, attention = count_forward_flops(model, batch, mask)
+            rows.append(
+                {
+                    "size": FLOPS_PRESET,
+                    "model": "diffusers DiT" if kind == "dit" else "ours",
+                    "decoder": decoder_label(kind, FLOPS_PRESET),
+                    "mask_ratio": ratio or 0.0,
+                    "gflops_counted": counted / 1e9,
+                    "gflops_attention": attention / 1e9,
+                    "gflops_with_attention": (counted + attention) / 1e9,
+                }
+            )
+            print(f"  FLOPs {FLOPS_PRESET} {kind} mask {ratio}: {counted / 1e9:.1f} G (+{attention / 1e9:.1f} G SDPA)")
+        del model
+    dit = rows[0]
+    for row in rows:
+        row["vs_dit_counted"] = row["gflops_counted"] / dit["gflops_counted"]
+        row["vs_dit_with_attention"] = row["gflops_with_attention"] / dit["gflops_with_attention"]
+        row["target"], row["passed"] = None, None
+        if row["model"] == "ours" and row["mask_ratio"] == 0.5:
+            threshold = TARGET_FLOPS_PAPER_DECODER if row["decoder"].endswith("paper") else TARGET_FLOPS_LIGHT_DECODER
+            row["target"] = f"<= {threshold:.3f}x DiT (counted)"
+            row["passed"] = row["vs_dit_counted"] <= threshold
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "device": args.device,
+    }
+    if args.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    return env
+
+
+def pass_label(passed) -> str:
+    return "" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def format_step_table(rows: list[dict]) -> str:
+    header = f"{'size':<5} {'dtype':<5} {'model':<14} {'decoder':<11} {'mask':>4} {'params':>7} {'step s':>7} "
+    header += f"{'vs DiT':>6} {'(min)':>6} {'mem MiB':>8}  target"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        target = f"{row['target']} {pass_label(row['passed'])}" if row["target"] else ""
+        lines.append(
+            f"{row['size']:<5} {row['dtype']:<5} {row['model']:<14} {row['decoder']:<11} {row['mask_ratio']:>4.2f} "
+            f"{row['params_m']:>6.1f}M {row['step_s']:>7.3f} {row['vs_dit']:>5.2f}x {row['vs_dit_min']:>5.2f}x "
+            f"{row['memory_mib']:>8.0f}  {target}"
+        )
+    return "\n".join(lines)
+
+
+def format_flops_table(rows: list[dict]) -> str:
+    header = f"{'size':<5} {'model':<30} {'decoder':<11} {'mask':>4} {'GFLOPs':>7} {'+SDPA':>6} {'vs DiT':>6} "
+    header += f"{'vs DiT +SDPA':>12}  target"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        target = f"{row['target']} {pass_label(row['passed'])}" if row["target"] else ""
+        lines.append(
+            f"{row['size']:<5} {row['model']:<30} {row['decoder']:<11} {row['mask_ratio']:>4.2f} "
+            f"{row['gflops_counted']:>7.1f} {row['gflops_attention']:>6.1f} {row['vs_dit_counted']:>5.3f}x "
+            f"{row['vs_dit_with_attention']:>11.3f}x  {target}"
+        )
+    lines.append(
+        f"{FLOPS_PRESET:<5} {'official MaskDiT (QUOTED)':<30} {'8x512 paper':<11} {0.5:>4.2f} {'-':>7} {'-':>6} "
+        f"{QUOTED_OFFICIAL_MASKDIT_FLOPS_RATIO:>5.3f}x {'-':>12}  quoted, not measured "
+        f"(the MaskDiT paper reports {QUOTED_PAPER_MASKDIT_FLOPS_RATIO:.3f}x)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    result = {"environment": environment(args), "load_average_start": os.getloadavg()}
+    result["settings"] = {
+        "sizes": args.sizes,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "in_channels": IN_CHANNELS,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "mask_ratios": args.mask_ratios,
+        "dtypes": args.dtype,
+        "optimizer": f"AdamW(lr={LEARNING_RATE})",
+        "mae_loss_weight": MAE_LOSS_WEIGHT,
+        "light_decoder": {size: light_decoder(size) for size in [*args.sizes, FLOPS_PRESET]},
+        "memory": "CUDA max_memory_allocated"
+        if args.device.startswith("cuda")
+        else "peak RSS growth over the process's RSS before building the model",
+    }
+
+    step_rows = []
+    for dtype in args.dtype:
+        for preset in args.sizes:
+            step_rows += time_size(args, preset, dtype)
+    result["step"] = step_rows
+    if not args.skip_flops:
+        result["flops"] = count_flops(args)
+        result["flops_quoted"] = {
+            "official_maskdit_xl2_mask0.5_vs_dit_counted": QUOTED_OFFICIAL_MASKDIT_FLOPS_RATIO,
+            "maskdit_paper_xl2_mask0.5_vs_dit": QUOTED_PAPER_MASKDIT_FLOPS_RATIO,
+            "note": "quoted, not measured here",
+        }
+    result["load_average_end"] = os.getloadavg()
+    result["wall_s"] = time.perf_counter() - started
+
+    env = result["environment"]
+    print(
+        f"\ntorch {env['torch']}, diffusers {env['diffusers']}, {env['cpu']} ({env['cpu_count']} cores), "
+        f"{env['threads']} threads, {env['device']}, {env['date']}"
+    )
+    print(
+        f"Training step (forward + loss + backward + AdamW), batch {args.batch_size}, "
+        f"{IN_CHANNELS}x{args.resolution}x{args.resolution} latents, median of {args.steps} steps after "
+        f"{args.warmup} warm-up; 'vs DiT': median over the median of the DiT steps taken alongside, '(min)': the "
+        f"same with the fastest steps; memory: {result['settings']['memory']}\n"
+    )
+    print(format_step_table(step_rows))
+    if "flops" in result:
+        print(
+            f"\nForward FLOPs, {FLOPS_PRESET}, batch 1, {IN_CHANNELS}x{args.resolution}x{args.resolution}: "
+            "'GFLOPs' as torch's FlopCounterMode counts on CPU (no SDPA), '+SDPA' the attention it misses "
+            "(4*B*heads*N_q*N_k*head_dim)\n"
+        )
+        print(format_flops_table(result["flops"]))
+    load = [f"{value:.1f}" for value in result["load_average_start"] + result["load_average_end"]]
+    print(f"\nwall time {result['wall_s']:.0f} s, load average {' '.join(load[:3])} -> {' '.join(load[3:])}")
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
