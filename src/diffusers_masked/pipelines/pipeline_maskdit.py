@@ -73,11 +73,6 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
             return "images = pipe(class_labels=[0, 1], guidance_scale=1.5, num_inference_steps=40).images"
         return "images = pipe(batch_size=4, num_inference_steps=40).images"
 
-    def create_model_card(self, *args, **kwargs):
-        card = super().create_model_card(*args, **kwargs)
-        card.data.pipeline_tag = "unconditional-image-generation"
-        return card
-
     def _class_label_tensor(self, class_labels, batch_size):
         if self.num_classes == 0:
             if class_labels is not None:
