@@ -371,7 +371,8 @@ class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
         cond = self._conditioning(timestep, class_labels, dtype)
 
         # Encoder: positions are added before dropping, so each visible token keeps its place in the image.
-        x = self.patch_embed(hidden_states.to(dtype)).flatten(2).transpose(1, 2)  # [B, N, D]
+        # contiguous: the transposed conv output would keep a [B, D, N] layout through every residual add.
+        x = self.patch_embed(hidden_states.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
         x = x + self._positions(self.pos_embed, self.inner_dim, grid_h, grid_w, device).to(x.dtype)
         if num_removed:
             # A stable sort puts the visible (False) tokens first, in grid order.
