@@ -249,8 +249,10 @@ def test_removed_tokens_do_not_enter_the_denoising_loss(model, batch):
     assert_close_scalar(inputs_changed.dsm_loss, base.dsm_loss, rtol=1e-5)
 
 
-@pytest.mark.parametrize("P_mean", [-12.0, -1.2, 12.0])
-def test_loss_is_finite_at_extreme_noise_levels(model, batch, P_mean):
+@pytest.mark.parametrize("P_mean", [-12.0, 12.0])
+def test_loss_is_finite_at_extreme_noise_levels(batch, P_mean):
+    # At sigma ~ exp(+-12) the loss amplifies float32 rounding by up to ~exp(24), so only finiteness is specified here;
+    # the value is checked against float64 references at the paper's noise levels in the tests above.
     clean, labels = batch
     scheduler = EDMHeunScheduler(P_mean=P_mean)
     trainable = tiny_model()
@@ -262,12 +264,6 @@ def test_loss_is_finite_at_extreme_noise_levels(model, batch, P_mean):
 
     assert torch.isfinite(output.loss)
     assert all(torch.isfinite(p.grad).all() for p in trainable.parameters() if p.grad is not None)
-    if abs(P_mean) < 5:
-        # At sigma ~ exp(+-12) the loss amplifies float32 rounding of the network by up to ~exp(24) (the EDM weight,
-        # or D - y cancelling), so a float64 reference only checks the well-conditioned levels; there, finiteness is
-        # the specification.
-        _, _, loss = edm_reference(model, clean, labels, seed=2, mask_ratio=0.5, mae_loss_weight=0.1, P_mean=P_mean)
-        assert_close_scalar(output.loss, loss, rtol=1e-3)
 
 
 def test_loss_carries_gradient_and_parts_are_detached(batch):
