@@ -271,17 +271,11 @@ def test_images_to_tensor_accepts_every_output_type():
 
 
 def test_evaluate_cli_runs_on_a_saved_pipeline(tmp_path, cache_dir, classifier, capsys):
-    from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline, MaskedDiTTransformer2DModel
+    from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline
+    from tests.tiny import tiny_transformer
 
-    transformer = MaskedDiTTransformer2DModel(
-        sample_size=16,
-        patch_size=4,
-        in_channels=1,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        decoder_num_layers=0,
-        num_classes=10,
+    transformer = tiny_transformer(
+        scale=0.0, sample_size=16, patch_size=4, in_channels=1, num_layers=1, decoder_num_layers=0
     )
     MaskDiTPipeline(transformer, EDMHeunScheduler()).save_pretrained(tmp_path / "pipeline")
     # Loaded by path under its own name: `import evaluate` is the Hugging Face evaluate library.
