@@ -73,11 +73,13 @@ class AdaLNZeroBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # x: [B, L, D], cond: [B, cond_dim]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(F.silu(cond)).chunk(6, dim=1)
-        h = self.norm1(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        x = x + gate_msa[:, None] * self.attn1(h)
-        h = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return x + gate_mlp[:, None] * self.ff(h)
+        # addcmul fuses each multiply-add into one pass over the tokens (one intermediate fewer, in and backward).
+        mod = self.modulation(F.silu(cond))[:, None].chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
+        x = torch.addcmul(x, gate_msa, self.attn1(h))
+        h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)
+        return torch.addcmul(x, gate_mlp, self.ff(h))
 
 
 class AdaLNFinalLayer(nn.Module):
