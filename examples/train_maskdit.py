@@ -34,7 +34,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
+from diffusers.utils import make_image_grid, numpy_to_pil
+from PIL import ImageOps
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -82,9 +83,10 @@ DIGITS_DEFAULTS = {
         }
     ),
     "train_batch_size": 128,
-    "max_train_steps": 1500,
-    "unmask_tuning_steps": 300,
-    "learning_rate": 5e-4,
+    "max_train_steps": 1000,
+    "unmask_tuning_steps": 200,
+    "unmask_batch_size": 64,
+    "learning_rate": 1e-3,
     "lr_warmup_steps": 200,
     "ema_decay": 0.999,
     "ema_warmup": True,
@@ -194,6 +196,14 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=None,
+        help="Torch threads per process when training on CPU. Default: this machine's cores / processes on it. "
+        "`accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs unless it was configured for CPU, which would "
+        "leave all but one core idle; this flag is applied after it.",
+    )
     # Checkpoints, logging, validation, output
     parser.add_argument("--output_dir", type=str, default=None)
     parser.add_argument("--checkpointing_steps", type=int, default=None)
@@ -235,6 +245,8 @@ def parse_args(argv=None):
         parser.error(f"--class_dropout_prob must be in [0, 1], got {args.class_dropout_prob}")
     if args.mae_loss_weight < 0:
         parser.error(f"--mae_loss_weight must be >= 0, got {args.mae_loss_weight}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error(f"--cpu_threads must be >= 1, got {args.cpu_threads}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be >= 1")
     try:
@@ -473,7 +485,23 @@ def sample_grid(pipeline, num_classes, per_class, args, seed):
         generator=torch.Generator(device=pipeline.device).manual_seed(seed),
         output_type="pil",
     ).images
-    return make_image_grid(images, rows=len(classes), cols=per_class)
+    return image_grid(images, rows=len(classes), cols=per_class)
+
+
+def image_grid(images, rows, cols):
+    """`make_image_grid` with a 1-pixel grey border around each image (small digits otherwise run together)."""
+    images = [ImageOps.expand(im, border=1, fill=(128,) * len(im.getbands()) if len(im.getbands()) > 1 else 128) for im in images]
+    return make_image_grid(images, rows=rows, cols=cols)
+
+
+def configure_cpu_threads(requested):
+    """Use this process's share of the machine's cores (or `requested`) for torch's intra-op threads."""
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        requested = max(1, cores // local_processes)
+    torch.set_num_threads(requested)
+    return requested
 
 
 def main(args):
@@ -487,6 +515,15 @@ def main(args):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. an FSDP config on a CPU-only machine: accelerate falls back to no distribution, and every process
+        # would train alone and overwrite the others' checkpoints.
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}); this accelerate config does not distribute on this machine "
+            "(FSDP needs a GPU; for CPU data parallelism use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu)"
+        )
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded and args.use_ema:
         raise ValueError(
@@ -496,6 +533,8 @@ def main(args):
     if sharded and args.validation_steps:
         logger.warning("FSDP: mid-training validation grids are skipped (sampling would need every rank)")
         args.validation_steps = 0
+    if accelerator.device.type == "cpu":
+        logger.info(f"CPU training: {configure_cpu_threads(args.cpu_threads)} torch thread(s) per process")
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -685,13 +724,12 @@ def main(args):
             ema.copy_to(final_model.parameters())
         final_model.eval()
         pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
-        grid = sample_grid(pipeline, args.num_classes, args.num_validation_images_per_class * 2, args, seed=args.seed)
-        grid.save(output_dir / "samples.png")
-        eval_results, metrics = [], {}
+        per_class = args.num_validation_images_per_class * 2
+        eval_results, metrics, grid = [], {}, None
         if args.builtin_digits and args.num_eval_samples_per_class:
             from diffusers_masked.evaluation import eval_results_for_model_card, evaluate_pipeline_on_digits
 
-            metrics = evaluate_pipeline_on_digits(
+            metrics, samples, _ = evaluate_pipeline_on_digits(
                 pipeline,
                 num_samples_per_class=args.num_eval_samples_per_class,
                 resolution=args.resolution,
@@ -699,11 +737,21 @@ def main(args):
                 guidance_scale=args.guidance_scale,
                 num_inference_steps=args.num_inference_steps,
                 cache_dir=args.cache_dir,
+                return_samples=True,
             )
+            # samples.png shows the first samples of each class that were evaluated (they come class by class).
+            n_eval = args.num_eval_samples_per_class
+            if per_class <= n_eval:
+                chosen = torch.cat([samples[c * n_eval : c * n_eval + per_class] for c in range(10)])
+                pixels = chosen.permute(0, 2, 3, 1).cpu().numpy()
+                grid = image_grid(numpy_to_pil(pixels), rows=10, cols=per_class)
             eval_results = eval_results_for_model_card(metrics)
             (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
             logger.info("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
+        if grid is None:
+            grid = sample_grid(pipeline, args.num_classes, per_class, args, seed=args.seed)
+        grid.save(output_dir / "samples.png")
         repo_id = args.hub_model_id or output_dir.name
         card = pipeline.create_model_card(
             repo_id,

@@ -261,6 +261,19 @@ def test_evaluate_pipeline_generates_every_class_in_batches(cache_dir, classifie
     json.dumps(results)  # plain numbers and strings only
 
 
+def test_evaluate_pipeline_can_return_exactly_the_evaluated_samples(cache_dir, classifier, digits):
+    pipeline = DigitsReplayPipeline(digits.heldout, digits.heldout_labels)
+    results, images, labels = evaluate_pipeline_on_digits(
+        pipeline, num_samples_per_class=3, batch_size=2, cache_dir=cache_dir, return_samples=True
+    )
+    assert images.shape == (30, 3, 16, 16) and labels.tolist() == [c for c in range(10) for _ in range(3)]
+    # Calls go 2 then 1 per class; the replay pipeline hands out consecutive held-out digits of that class.
+    replay = DigitsReplayPipeline(digits.heldout, digits.heldout_labels)
+    expected = torch.cat([replay([c] * n, 1.5, 40, None, "pt").images for c in range(10) for n in (2, 1)])
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    assert results["num_fake"] == 30
+
+
 def test_images_to_tensor_accepts_every_output_type():
     pt = torch.rand(2, 3, 4, 5)
     np_images = pt.permute(0, 2, 3, 1).numpy()

@@ -40,6 +40,7 @@ TINY_RUN = [
     "--num_eval_samples_per_class", "0",
     "--validation_steps", "0",
     "--report_to", "none",
+    "--cpu_threads", "1",
 ]  # fmt: skip
 
 
@@ -141,12 +142,30 @@ def test_built_in_default_applies_the_digits_recipe_and_user_flags_win():
         (["--class_dropout_prob", "1.5"], "class_dropout_prob"),
         (["--max_train_steps", "0", "--unmask_tuning_steps", "0"], "nothing to train"),
         (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
+        (["--cpu_threads", "0"], "cpu_threads"),
     ],
 )
 def test_bad_flags_exit_with_a_message_naming_them(argv, match, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert match in capsys.readouterr().err
+
+
+def test_cpu_threads_default_to_this_process_share_of_the_cores(monkeypatch):
+    # accelerate launch exports OMP_NUM_THREADS=1 for CPU runs; the script must not leave the other cores idle.
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        train.configure_cpu_threads(None)
+        assert torch.get_num_threads() == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+        train.configure_cpu_threads(None)
+        assert torch.get_num_threads() == 1
+        train.configure_cpu_threads(3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_list_checkpoints_ignores_partial_and_unfinished_folders(tmp_path):
@@ -179,7 +198,7 @@ def test_tiny_run_leaves_a_loadable_pipeline_grid_card_logs_and_limited_checkpoi
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "maskdit" in card and '"mae_loss_weight": 0.1' in card
     with Image.open(out / "samples.png") as grid:
-        assert grid.size == (8 * 2, 8 * 3)  # 3 classes x 2 samples of 8x8
+        assert grid.size == (10 * 2, 10 * 3)  # 3 classes x 2 samples of 8x8, each with a 1-pixel border
 
     from diffusers import DiffusionPipeline
 
@@ -251,6 +270,24 @@ def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_
     )  # fmt: skip
     assert "all 2 ranks hold identical weights" in result.stderr
     assert (out / "model_index.json").exists()
+
+
+@pytest.mark.slow
+def test_a_config_that_does_not_distribute_on_this_machine_fails_instead_of_training_twice(tmp_path):
+    # accelerate ignores an FSDP config without a GPU (distributed type NO); both launched processes would then
+    # train alone and overwrite each other's checkpoints.
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\n"
+        "machine_rank: 0\nmixed_precision: 'no'\nrdzv_backend: static\nsame_network: true\nfsdp_config:\n"
+        "  fsdp_version: 2\n  fsdp_sync_module_states: false\n  fsdp_cpu_ram_efficient_loading: false\n"
+    )
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(SCRIPT), *TINY_RUN]
+    cmd += ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--no-use_ema"]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "2 processes were launched but accelerate set up 1" in result.stderr
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 def _write_imagefolder(root, num_per_class=8, size=12, rgb=True):

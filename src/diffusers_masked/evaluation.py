@@ -616,7 +616,8 @@ def evaluate_pipeline_on_digits(
     cache_dir: str | os.PathLike | None = None,
     inception_weights_path: str | os.PathLike | None = None,
     allow_download: bool = False,
-) -> dict[str, Any]:
+    return_samples: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Generate ``num_samples_per_class`` digits of each class with a class-conditional pipeline and evaluate them.
 
     The pipeline is called as ``pipeline(class_labels=[c] * n, guidance_scale=..., num_inference_steps=...,
@@ -635,9 +636,12 @@ def evaluate_pipeline_on_digits(
         batch_size (`int`, defaults to 64): samples per pipeline call (and per feature-extractor call).
         feature_extractor, seed, device, cache_dir, inception_weights_path, allow_download: see
             `evaluate_digits_samples`.
+        return_samples (`bool`, defaults to `False`): also return the generated images ``(N, C, H, W)`` in
+            ``[0, 1]`` and their labels ``(N,)``, class by class (e.g. to show exactly what was evaluated).
 
     Returns:
-        `dict`: `evaluate_digits_samples`' results plus the sampling settings.
+        `dict`: `evaluate_digits_samples`' results plus the sampling settings; with ``return_samples=True``, the
+        tuple ``(results, images, labels)``.
     """
     images, labels = [], []
     for label in range(10):
@@ -677,4 +681,6 @@ def evaluate_pipeline_on_digits(
         num_inference_steps=num_inference_steps,
         resolution=resolution,
     )
+    if return_samples:
+        return results, fake_images, torch.tensor(labels)
     return results
