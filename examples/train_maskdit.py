@@ -742,9 +742,10 @@ def main(args):
             # samples.png shows the first samples of each class that were evaluated (they come class by class).
             n_eval = args.num_eval_samples_per_class
             if per_class <= n_eval:
-                chosen = torch.cat([samples[c * n_eval : c * n_eval + per_class] for c in range(10)])
+                rows = min(args.num_classes, args.validation_classes)
+                chosen = torch.cat([samples[c * n_eval : c * n_eval + per_class] for c in range(rows)])
                 pixels = chosen.permute(0, 2, 3, 1).cpu().numpy()
-                grid = image_grid(numpy_to_pil(pixels), rows=10, cols=per_class)
+                grid = image_grid(numpy_to_pil(pixels), rows=rows, cols=per_class)
             eval_results = eval_results_for_model_card(metrics)
             (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
             logger.info("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))

@@ -190,15 +190,19 @@ def test_tiny_run_leaves_a_loadable_pipeline_grid_card_logs_and_limited_checkpoi
         "--checkpoints_total_limit", "2",
         "--validation_steps", "3",
         "--report_to", "tensorboard",
+        "--num_eval_samples_per_class", "2",
     )  # fmt: skip
     assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert metrics["num_fake"] == 20 and 0 <= metrics["accuracy"] <= 1 and metrics["num_inference_steps"] == 2
     assert not list(out.glob(".partial-*"))
     assert (out / "samples.png").exists() and (out / "validation" / "step-0000003.png").exists()
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "maskdit" in card and '"mae_loss_weight": 0.1' in card
-    with Image.open(out / "samples.png") as grid:
-        assert grid.size == (10 * 2, 10 * 3)  # 3 classes x 2 samples of 8x8, each with a 1-pixel border
+    assert "model-index" in card and "accuracy" in card.lower()
+    with Image.open(out / "samples.png") as grid:  # the first 2 evaluated samples of 3 classes
+        assert grid.size == (10 * 2, 10 * 3)  # 8x8 samples, each with a 1-pixel border
 
     from diffusers import DiffusionPipeline
 
