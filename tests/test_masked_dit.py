@@ -229,3 +229,30 @@ def test_unmasked_encoder_stream_is_token_major_contiguous():
     with torch.no_grad():
         model(*_inputs())
     assert seen == [True]
+
+
+def test_attention_equals_softmax_qk_v_in_float64():
+    # softmax(Q K^T / sqrt(d)) V per head, written out from the fused projection's weights.
+    attention = tiny_model().transformer_blocks[0].attn1
+    heads, head_dim = attention.num_heads, attention.head_dim
+    x = torch.randn(2, 5, heads * head_dim)
+    with torch.no_grad():
+        out = attention(x)
+    w_qkv, b_qkv = attention.to_qkv.weight.double(), attention.to_qkv.bias.double()
+    q, k, v = (x.double() @ w_qkv.T + b_qkv).chunk(3, dim=-1)  # each [B, L, H*d], heads side by side
+    split = lambda t: t.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # noqa: E731  [B, H, L, d]
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / head_dim**0.5, dim=-1)
+    expected = (weights @ split(v)).transpose(1, 2).flatten(2) @ attention.to_out.weight.double().T
+    expected = expected + attention.to_out.bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_query_key_value_are_each_initialised_as_a_square_xavier_map():
+    # Xavier on the fused (3D, D) matrix would shrink the init by sqrt(2); each D x D part must get sqrt(6 / 2D).
+    model = MaskedDiTTransformer2DModel(**{**TINY, "num_attention_heads": 4, "attention_head_dim": 64})
+    dim = 4 * 64
+    for part in model.transformer_blocks[0].attn1.to_qkv.weight.detach().chunk(3, dim=0):
+        bound = (6 / (2 * dim)) ** 0.5
+        assert part.abs().max() <= bound
+        assert part.abs().max() > 0.95 * bound  # 65k uniform draws reach within 5% of the bound
+        assert part.std() == pytest.approx(bound / 3**0.5, rel=0.02)

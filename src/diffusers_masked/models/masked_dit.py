@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -55,6 +54,28 @@ def sincos_positions(embed_dim: int, grid_h: int, grid_w: int, device=None) -> t
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid.reshape(2, -1)).float()
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused query-key-value projection (the layout of DiT's and MaskDiT's own
+    code) and PyTorch's ``scaled_dot_product_attention``.
+
+    One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones is measurably faster in a training
+    step (forward and backward), and official checkpoints load without splitting ``qkv``."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.to_out = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape  # x: [B, L, D]
+        qkv = self.to_qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d]
+        out = F.scaled_dot_product_attention(query, key, value)  # [B, H, L, d]
+        return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
+
+
 class AdaLNZeroBlock(nn.Module):
     """A DiT block: self-attention and MLP, each behind a LayerNorm modulated (shift, scale) by the
     conditioning vector and followed by a gate; the modulation starts at zero so the block starts as identity.
@@ -64,9 +85,7 @@ class AdaLNZeroBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, cond_dim: int, mlp_ratio: float, norm_eps: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn1 = Attention(
-            query_dim=dim, heads=num_heads, dim_head=head_dim, bias=True, out_bias=True, processor=AttnProcessor2_0()
-        )
+        self.attn1 = SelfAttention(dim, num_heads, head_dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate", bias=True)
         self.modulation = nn.Linear(cond_dim, 6 * dim)
@@ -220,6 +239,10 @@ class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        for block in [*self.transformer_blocks, *self.decoder_blocks]:
+            # Query, key and value each as its own square map (diffusers' DiT has three separate linears).
+            for weight in block.attn1.to_qkv.weight.chunk(3, dim=0):
+                nn.init.xavier_uniform_(weight)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.timestep_embedder.linear_1.weight, std=0.02)
