@@ -187,6 +187,13 @@ def parse_args(argv=None):
     parser.add_argument("--adam_beta2", type=float, default=0.999)
     parser.add_argument("--adam_weight_decay", type=float, default=0.0)
     parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument(
+        "--adam_fused",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch's fused AdamW kernel (CPU and CUDA). On CPU torch's default AdamW loops over the parameters, "
+        "4.6x slower at B/2 (docs/benchmarks.md); --no-adam_fused restores it.",
+    )
     parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm.")
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ema_decay", type=float, default=None)
@@ -367,6 +374,8 @@ def save_checkpoint(accelerator, output_dir: Path, global_step: int, total_limit
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    # Every rank writes into the folder (its random states, its shard under FSDP): rename only once all are done.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"global_step": global_step, "run": run_config}
         (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
@@ -571,6 +580,7 @@ def main(args):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=args.adam_fused or None,
     )
     phases = build_phases(args)
 
@@ -603,6 +613,10 @@ def main(args):
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         global_step = json.loads((resume_path / TRAINING_STATE_FILE).read_text())["global_step"]
+        # The checkpoint holds the learning rate that *its* run scheduled for this step; a run resumed with other
+        # phases (say, a larger --max_train_steps) must take its own.
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * lr_factor(global_step)
         logger.info(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from; starting a new run")
@@ -765,6 +779,10 @@ def main(args):
         logger.info(f"saved the EMA pipeline, samples.png and the model card to {output_dir}")
         if args.push_to_hub:
             pipeline.push_to_hub(repo_id, model_card=card, token=args.hub_token)
+    # Every rank waits until the main process has written the output. While a rank waits here without the GIL,
+    # gloo's worker threads can free the tensors of earlier collectives; a rank that went straight on to exit
+    # could deadlock in teardown (torch's ProcessGroupGloo destructor joins those threads while holding the GIL).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return global_step
 

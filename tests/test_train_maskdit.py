@@ -19,6 +19,7 @@ from tests.tiny import tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_maskdit.py"
+FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
 TINY_MODEL = json.dumps(
     {
         "patch_size": 2,
@@ -61,18 +62,24 @@ def _env(**extra):
     return env
 
 
-def _launch_cmd(*args, num_processes=1):
+def _launch_cmd(*args, num_processes=1, fsdp=False):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
     cmd += ["--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if num_processes > 1:
         cmd += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true: torchrun + gloo on the CPU
+    if fsdp:
+        cmd += [str(FSDP_ON_CPU)]  # runs the script with accelerate's state switched to FSDP2
     return cmd + [str(SCRIPT), *TINY_RUN, *args]
 
 
-def _launch(*args, num_processes=1, timeout=600, check=True):
+def _launch(*args, num_processes=1, fsdp=False, timeout=600, check=True):
     env = _env(ACCELERATE_USE_CPU="true")
     result = subprocess.run(
-        _launch_cmd(*args, num_processes=num_processes), env=env, capture_output=True, text=True, timeout=timeout
+        _launch_cmd(*args, num_processes=num_processes, fsdp=fsdp),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-6000:]}")
@@ -270,10 +277,67 @@ def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_
     out = tmp_path / "ddp"
     result = _launch(
         "--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "2", "--train_batch_size", "8",
+        "--checkpointing_steps", "1", "--checkpoints_total_limit", "5",
         num_processes=2,
     )  # fmt: skip
     assert "all 2 ranks hold identical weights" in result.stderr
     assert (out / "model_index.json").exists()
+    # Each rank writes its own random state into the checkpoint; the folder must be renamed only after both have.
+    for checkpoint in train.list_checkpoints(out):
+        assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+FSDP_RUN = [
+    "--train_batch_size", "8", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2", "--no-use_ema",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too(tmp_path):
+    # FSDP2 through accelerate on two CPU processes (tests/fsdp_on_cpu.py): sharded weights and optimizer state,
+    # sharded checkpoints, gathered final weights. Stopped after 2 steps and resumed with --max_train_steps 4, it
+    # must end where an uninterrupted 4-step data-parallel run ends, to the bit.
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _launch("--output_dir", str(ddp), *FSDP_RUN, "--max_train_steps", "4", num_processes=2)
+    _launch("--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "2", num_processes=2, fsdp=True)
+    checkpoint = fsdp / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    result = _launch(
+        "--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+        num_processes=2, fsdp=True,
+    )  # fmt: skip
+    assert "resumed from" in result.stderr and "at step 2" in result.stderr
+    final = "transformer/diffusion_pytorch_model.safetensors"
+    _assert_same_weights(_weights(fsdp / final), _weights(ddp / final))
+
+    from diffusers_masked import MaskDiTPipeline
+
+    pipe = MaskDiTPipeline.from_pretrained(fsdp)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(class_labels=[1], num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 1)
+
+
+@pytest.mark.slow
+def test_ema_under_fsdp_is_refused_with_the_flag_to_use(tmp_path):
+    result = _launch(
+        "--output_dir", str(tmp_path / "out"), "--train_batch_size", "8", "--max_train_steps", "2",
+        num_processes=2, fsdp=True, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--no-use_ema" in result.stderr
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_resuming_with_a_longer_run_follows_the_new_learning_rate_schedule(tmp_path):
+    # The first run's checkpoint holds the learning rate it scheduled for step 2: past its end, so without warm-up.
+    common = ["--unmask_tuning_steps", "0", "--checkpointing_steps", "2", "--lr_warmup_steps", "10"]
+    _launch("--output_dir", str(tmp_path / "full"), *common, "--max_train_steps", "4")
+    _launch("--output_dir", str(tmp_path / "split"), *common, "--max_train_steps", "2")
+    _launch("--output_dir", str(tmp_path / "split"), *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    final = "transformer/diffusion_pytorch_model.safetensors"
+    _assert_same_weights(_weights(tmp_path / "split" / final), _weights(tmp_path / "full" / final))
 
 
 @pytest.mark.slow
