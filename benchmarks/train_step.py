@@ -8,12 +8,12 @@ For each DiT size it times one training step (forward, loss, backward, AdamW ste
 and, unless ``--skip_flops``, counts the forward FLOPs of the XL/2 models. It prints a table and writes JSON.
 
     python benchmarks/train_step.py                   # S/2, batch 8, 4x32x32 latents, XL/2 FLOPs (~10 min, 2 cores)
-    python benchmarks/train_step.py --sizes S/2 B/2   # the table in docs/benchmarks.md (~23 min)
+    python benchmarks/train_step.py --sizes S/2 B/2 --steps 7   # table 1 in docs/benchmarks.md (~28 min)
 
 Fairness: every model runs in train mode, with the same inputs, the same number of threads and the same AdamW
-settings. Each configuration (model and mask ratio) lives in a fresh process of its own, so its peak RSS is its own.
-For each mask ratio our two models step in turn with diffusers' DiT, one step at a time, and each is compared with
-the DiT steps taken alongside it, so the load of a shared machine falls on both sides of a ratio alike.
+kernel. Each configuration (model and mask ratio) lives in a fresh process of its own, so its peak RSS is its own.
+For each mask ratio our models step in turn with diffusers' DiT, one step each per round, and each of our steps is
+compared with the DiT step of its round, so the load of a shared machine falls on both sides of a ratio alike.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ NUM_CLASSES = 1000
 DIT_OUT_CHANNELS = 8  # DiT predicts the noise and a variance interpolation per channel
 MAE_LOSS_WEIGHT = 0.1
 LEARNING_RATE = 1e-4
+ADAMW_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 # The light decoder: two blocks about a third of the encoder's width, in heads as wide as MaskDiT decoder's (32).
 LIGHT_DECODER_LAYERS = 2
@@ -77,6 +78,13 @@ def parse_args(argv=None):
         "--warmup", type=int, default=2, help="Untimed steps per configuration first; peak memory is read after them."
     )
     parser.add_argument("--mask_ratios", nargs="+", type=float, default=[0.0, 0.5, 0.75])
+    parser.add_argument(
+        "--decoders",
+        nargs="+",
+        choices=["paper", "light"],
+        default=["paper", "light"],
+        help="Our models to time: MaskDiT's 8x512 decoder ('paper') and the light one.",
+    )
     parser.add_argument("--skip_flops", action="store_true", help=f"Do not count the {FLOPS_PRESET} forward FLOPs.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -93,6 +101,13 @@ def parse_args(argv=None):
         help="torch threads for every model. 1 keeps CPU times steady on a shared machine, where a second OpenMP "
         "thread waiting on a descheduled peer made steps several times slower and erratic; use all cores on an "
         "idle machine.",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(ADAMW_IMPLEMENTATIONS),
+        default="fused",
+        help="AdamW implementation for every model: 'fused' is what examples/train_maskdit.py uses; 'for-loop' is "
+        "torch's default on CPU (per parameter, several times slower), 'foreach' its default on CUDA.",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
@@ -222,7 +237,7 @@ def _worker(conn, spec: dict) -> None:
         batch = make_batch(spec["batch_size"], spec["resolution"], spec["seed"], device)
         rss_before = max_rss_bytes()
         model = build_model(spec["kind"], spec["preset"], spec["resolution"]).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, **ADAMW_IMPLEMENTATIONS[spec["optimizer"]])
         mask = None
         if spec["mask_ratio"]:
             num_tokens = (spec["resolution"] // model.config.patch_size) ** 2
@@ -282,7 +297,7 @@ class ModelProcess:
 def time_size(args, preset: str, dtype: str) -> list[dict]:
     """Rows for one preset and precision: diffusers' DiT, then ours with each decoder at each mask ratio.
 
-    One phase per mask ratio: fresh processes for our two models at that ratio step in turn with diffusers' DiT
+    One phase per mask ratio: fresh processes for our models at that ratio step in turn with diffusers' DiT
     (one process throughout), so each of ours is compared with the DiT steps taken alongside it."""
     context = multiprocessing.get_context("spawn")
     common = {
@@ -293,6 +308,7 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
         "device": args.device,
         "dtype": dtype,
         "threads": args.threads,
+        "optimizer": args.optimizer,
         "seed": args.seed,
     }
     results = {}  # (kind, ratio) -> (num_parameters, memory, times, DiT times alongside)
@@ -302,7 +318,7 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
         for ratio in args.mask_ratios:
             ours = {
                 kind: ModelProcess(context, {**common, "kind": kind, "mask_ratio": ratio})
-                for kind in ("paper", "light")
+                for kind in args.decoders
             }
             try:
                 memory = {kind: process.ask("warmup") for kind, process in ours.items()}
@@ -325,8 +341,11 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
         dit.close()
 
     rows = []
-    for kind, ratio in [("dit", None)] + [(kind, ratio) for kind in ("paper", "light") for ratio in args.mask_ratios]:
+    for kind, ratio in [("dit", None)] + [(kind, ratio) for kind in args.decoders for ratio in args.mask_ratios]:
         num_parameters, memory, times, dit_alongside = results[kind, ratio]
+        # Step i of ours and step i of DiT were taken in the same round, seconds apart: their ratio cancels the
+        # slower drifts of a shared host, which moved DiT-B/2's own step between 13.7 and 21.2 s in one run.
+        paired = [ours / dit for ours, dit in zip(times, dit_alongside)]
         row = {
             "size": preset,
             "device": args.device,
@@ -338,7 +357,9 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
             "step_s": statistics.median(times),
             "step_s_all": times,
             "dit_step_s_alongside": dit_alongside,
-            "vs_dit": statistics.median(times) / statistics.median(dit_alongside),
+            "vs_dit": statistics.median(paired),
+            "vs_dit_paired": paired,
+            "vs_dit_of_medians": statistics.median(times) / statistics.median(dit_alongside),
             "vs_dit_min": min(times) / min(dit_alongside),
             "memory_mib": memory / 2**20,
             "target": None,
@@ -499,8 +520,9 @@ def main(argv=None):
         "steps": args.steps,
         "warmup": args.warmup,
         "mask_ratios": args.mask_ratios,
+        "decoders": args.decoders,
         "dtypes": args.dtype,
-        "optimizer": f"AdamW(lr={LEARNING_RATE})",
+        "optimizer": f"AdamW(lr={LEARNING_RATE}, {args.optimizer})",
         "mae_loss_weight": MAE_LOSS_WEIGHT,
         "light_decoder": {size: light_decoder(size) for size in [*args.sizes, FLOPS_PRESET]},
         "memory": "CUDA max_memory_allocated"
@@ -529,10 +551,10 @@ def main(argv=None):
         f"{env['threads']} threads, {env['device']}, {env['date']}"
     )
     print(
-        f"Training step (forward + loss + backward + AdamW), batch {args.batch_size}, "
+        f"Training step (forward + loss + backward + {args.optimizer} AdamW), batch {args.batch_size}, "
         f"{IN_CHANNELS}x{args.resolution}x{args.resolution} latents, median of {args.steps} steps after "
-        f"{args.warmup} warm-up; 'vs DiT': median over the median of the DiT steps taken alongside, '(min)': the "
-        f"same with the fastest steps; memory: {result['settings']['memory']}\n"
+        f"{args.warmup} warm-up; 'vs DiT': median over the rounds of our step / the DiT step of "
+        f"the same round, '(min)': fastest step over fastest DiT step; memory: {result['settings']['memory']}\n"
     )
     print(format_step_table(step_rows))
     if "flops" in result:
