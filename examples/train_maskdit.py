@@ -63,6 +63,7 @@ logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
+SHARDED_EMA_DIR = "ema_fsdp"
 
 # The built-in default: what a run with no data flags trains. Tuned so ten minutes on two CPU cores give
 # recognisable digits; every value can still be overridden on the command line.
@@ -366,7 +367,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def save_checkpoint(accelerator, output_dir: Path, global_step: int, total_limit: int | None, run_config: dict):
+def save_checkpoint(
+    accelerator, output_dir: Path, global_step: int, total_limit: int | None, run_config: dict, sharded_ema=None
+):
     """Save the full training state atomically: into a temporary folder, then one rename."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
     partial = output_dir / f".partial-{CHECKPOINT_PREFIX}{global_step}"
@@ -374,6 +377,8 @@ def save_checkpoint(accelerator, output_dir: Path, global_step: int, total_limit
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if sharded_ema is not None:
+        save_sharded_ema(accelerator, sharded_ema, partial)
     # Every rank writes into the folder (its random states, its shard under FSDP): rename only once all are done.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -387,6 +392,28 @@ def save_checkpoint(accelerator, output_dir: Path, global_step: int, total_limit
                 shutil.rmtree(old)
         logger.info(f"saved checkpoint {final}")
     accelerator.wait_for_everyone()
+
+
+def save_sharded_ema(accelerator, ema, folder: Path):
+    """An EMA whose shadow parameters are FSDP shards: every rank writes its own with torch.distributed.checkpoint
+    (accelerate's custom-object checkpointing writes from the main process only)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = ema.state_dict()
+    shadows = {f"shadow_{i}": tensor for i, tensor in enumerate(state.pop("shadow_params"))}
+    dcp.save(shadows, checkpoint_id=str(folder / SHARDED_EMA_DIR))
+    if accelerator.is_main_process:
+        (folder / SHARDED_EMA_DIR / "ema_state.json").write_text(json.dumps(state))
+
+
+def load_sharded_ema(ema, folder: Path):
+    import torch.distributed.checkpoint as dcp
+
+    if not (folder / SHARDED_EMA_DIR).is_dir():
+        raise ValueError(f"{folder} has no sharded EMA ({SHARDED_EMA_DIR}/): it was not saved by an FSDP run with EMA")
+    dcp.load({f"shadow_{i}": tensor for i, tensor in enumerate(ema.shadow_params)}, checkpoint_id=str(folder / SHARDED_EMA_DIR))
+    for key, value in json.loads((folder / SHARDED_EMA_DIR / "ema_state.json").read_text()).items():
+        setattr(ema, key, value)
 
 
 def resolve_resume(args, output_dir: Path) -> Path | None:
@@ -534,10 +561,10 @@ def main(args):
             "(FSDP needs a GPU; for CPU data parallelism use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu)"
         )
     sharded = accelerator.distributed_type == DistributedType.FSDP
-    if sharded and args.use_ema:
+    if sharded and args.use_ema and not accelerator.is_fsdp2:
         raise ValueError(
-            "--use_ema is not supported under FSDP: EMAModel keeps a full copy of parameters that FSDP shards; "
-            "pass --no-use_ema or train with DDP"
+            "--use_ema under FSDP needs FSDP version 2 (fsdp_version: 2 in the accelerate config), whose sharded "
+            "parameters the EMA follows shard by shard; with FSDP version 1 pass --no-use_ema"
         )
     if sharded and args.validation_steps:
         logger.warning("FSDP: mid-training validation grids are skipped (sampling would need every rank)")
@@ -565,15 +592,17 @@ def main(args):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     scheduler = EDMHeunScheduler(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            model.parameters(),
+
+    def make_ema(parameters):
+        return EMAModel(
+            parameters,
             decay=args.ema_decay,
             use_ema_warmup=args.ema_warmup,
             model_cls=MaskedDiTTransformer2DModel,
             model_config=model.config,
         )
+
+    ema = make_ema(model.parameters()) if args.use_ema and not sharded else None
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -595,9 +624,15 @@ def main(args):
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
+    sharded_ema = None
+    if args.use_ema and sharded:
+        # Under FSDP each rank keeps the average of its own shards (the shadow parameters are sharded like the
+        # model's), saved and loaded with torch.distributed.checkpoint beside accelerate's state.
+        ema = sharded_ema = make_ema(model.parameters())
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        if sharded_ema is None:
+            accelerator.register_for_checkpointing(ema)
 
     run_config = {
         k: v for k, v in vars(args).items() if k not in ("masked_schedule", "hub_token") and not k.startswith("_")
@@ -612,6 +647,8 @@ def main(args):
     resume_path = resolve_resume(args, output_dir)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
+        if sharded_ema is not None:
+            load_sharded_ema(sharded_ema, resume_path)
         global_step = json.loads((resume_path / TRAINING_STATE_FILE).read_text())["global_step"]
         # The checkpoint holds the learning rate that *its* run scheduled for this step; a run resumed with other
         # phases (say, a larger --max_train_steps) must take its own.
@@ -721,16 +758,18 @@ def main(args):
             accelerator.log(logs, step=global_step)
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < total_steps:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir)
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
-    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config)
+    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
     if not sharded:
         check_ranks_agree(accelerator, model)
-    # Under FSDP this gathers the shards (a collective: every rank calls it).
+    # Under FSDP these gather the shards (collectives: every rank calls them).
     state_dict = accelerator.get_state_dict(model)
+    if sharded_ema is not None:
+        sharded_ema.shadow_params = [shadow.full_tensor() for shadow in sharded_ema.shadow_params]
     if accelerator.is_main_process:
         final_model = MaskedDiTTransformer2DModel.from_config(accelerator.unwrap_model(model).config)
         final_model.load_state_dict(state_dict)

@@ -8,9 +8,11 @@ accelerate selects FSDP only for accelerator devices: on a CPU-only machine it s
 runner switches the freshly built accelerate state from ``MULTI_CPU`` to ``FSDP`` (version 2) right after
 ``Accelerator.__init__``; everything after that (sharding in ``prepare``, sharded ``save_state``/``load_state``,
 ``get_state_dict`` gathering) is accelerate's and torch's own code, run for real. What it cannot show is what only
-a GPU has: device placement, NCCL, mixed-precision policies.
+a GPU has: device placement, NCCL, mixed-precision policies. ``FSDP_ON_CPU_VERSION=1`` asks for FSDP version 1 (for
+the script's checks that run before ``prepare``; FSDP1 itself does not run on CPU).
 """
 
+import os
 import runpy
 import sys
 
@@ -24,10 +26,11 @@ def _init_as_fsdp2(self, *args, **kwargs):
     _accelerator_init(self, *args, **kwargs)
     if self.state.distributed_type != DistributedType.MULTI_CPU:
         raise RuntimeError(f"expected a multi-process CPU launch, got {self.state.distributed_type}")
+    version = int(os.environ.get("FSDP_ON_CPU_VERSION", "2"))
     self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2,
+        fsdp_version=version,
         auto_wrap_policy="transformer_based_wrap",
-        reshard_after_forward=True,
+        reshard_after_forward=True if version == 2 else "FULL_SHARD",
         state_dict_type="SHARDED_STATE_DICT",
         cpu_ram_efficient_loading=False,
     )

@@ -287,21 +287,20 @@ def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
-FSDP_RUN = [
-    "--train_batch_size", "8", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2", "--no-use_ema",
-]  # fmt: skip
+FSDP_RUN = ["--train_batch_size", "8", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2"]
 
 
 @pytest.mark.slow
 def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too(tmp_path):
-    # FSDP2 through accelerate on two CPU processes (tests/fsdp_on_cpu.py): sharded weights and optimizer state,
-    # sharded checkpoints, gathered final weights. Stopped after 2 steps and resumed with --max_train_steps 4, it
-    # must end where an uninterrupted 4-step data-parallel run ends, to the bit.
+    # FSDP2 through accelerate on two CPU processes (tests/fsdp_on_cpu.py): sharded weights, optimizer state and EMA,
+    # sharded checkpoints, gathered final (EMA) weights. Stopped after 2 steps and resumed with --max_train_steps 4,
+    # it must end where an uninterrupted 4-step data-parallel run ends, to the bit.
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _launch("--output_dir", str(ddp), *FSDP_RUN, "--max_train_steps", "4", num_processes=2)
     _launch("--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "2", num_processes=2, fsdp=True)
     checkpoint = fsdp / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert {p.name for p in (checkpoint / train.SHARDED_EMA_DIR).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     result = _launch(
         "--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
@@ -310,6 +309,8 @@ def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too
     assert "resumed from" in result.stderr and "at step 2" in result.stderr
     final = "transformer/diffusion_pytorch_model.safetensors"
     _assert_same_weights(_weights(fsdp / final), _weights(ddp / final))
+    raw = _weights(ddp / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(raw[key], value) for key, value in _weights(ddp / final).items())  # the EMA, not raw
 
     from diffusers_masked import MaskDiTPipeline
 
@@ -319,14 +320,15 @@ def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too
 
 
 @pytest.mark.slow
-def test_ema_under_fsdp_is_refused_with_the_flag_to_use(tmp_path):
-    result = _launch(
-        "--output_dir", str(tmp_path / "out"), "--train_batch_size", "8", "--max_train_steps", "2",
-        num_processes=2, fsdp=True, check=False,
-    )  # fmt: skip
+def test_ema_under_fsdp_version_1_is_refused_with_the_flag_to_use(tmp_path):
+    out = tmp_path / "out"
+    cmd = _launch_cmd("--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8", num_processes=2, fsdp=True)
+    result = subprocess.run(
+        cmd, env=_env(ACCELERATE_USE_CPU="true", FSDP_ON_CPU_VERSION="1"), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode != 0
-    assert "--no-use_ema" in result.stderr
-    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    assert "FSDP version 2" in result.stderr and "--no-use_ema" in result.stderr
+    assert not list(out.glob("checkpoint-*"))
 
 
 @pytest.mark.slow
