@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a class-conditional MaskDiT with accelerate: masked training, then unmasking tuning.
 
-    accelerate launch examples/train_maskdit.py                     # built-in default: scikit-learn digits, CPU, ~10 min
+    accelerate launch examples/train_maskdit.py                     # built-in default: scikit-learn digits, CPU, ~13 min
     accelerate launch examples/train_maskdit.py --dataset_name imagenet-1k --vae stabilityai/sd-vae-ft-mse \\
         --model_config XL/2 --resolution 256 --mask_ratio 0.5 --mae_loss_weight 0.1 --mixed_precision bf16
 
@@ -65,8 +65,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
 SHARDED_EMA_DIR = "ema_fsdp"
 
-# The built-in default: what a run with no data flags trains. Tuned so ten minutes on two CPU cores give
-# recognisable digits; every value can still be overridden on the command line.
+# The built-in default: what a run with no data flags trains. Tuned for recognisable digits in about ten minutes on
+# two CPU cores (13 measured, docs/benchmarks.md); every value can still be overridden on the command line.
 DIGITS_DEFAULTS = {
     "output_dir": "maskdit-digits",
     "resolution": 16,

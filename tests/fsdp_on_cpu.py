@@ -9,7 +9,7 @@ runner switches the freshly built accelerate state from ``MULTI_CPU`` to ``FSDP`
 ``Accelerator.__init__``; everything after that (sharding in ``prepare``, sharded ``save_state``/``load_state``,
 ``get_state_dict`` gathering) is accelerate's and torch's own code, run for real. What it cannot show is what only
 a GPU has: device placement, NCCL, mixed-precision policies. ``FSDP_ON_CPU_VERSION=1`` asks for FSDP version 1 (for
-the script's checks that run before ``prepare``; FSDP1 itself does not run on CPU).
+the script's checks that run before ``prepare``; the tests do not train under FSDP1).
 """
 
 import os
@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 _accelerator_init = Accelerator.__init__
 
 
-def _init_as_fsdp2(self, *args, **kwargs):
+def _init_as_fsdp(self, *args, **kwargs):
     _accelerator_init(self, *args, **kwargs)
     if self.state.distributed_type != DistributedType.MULTI_CPU:
         raise RuntimeError(f"expected a multi-process CPU launch, got {self.state.distributed_type}")
@@ -40,6 +40,6 @@ def _init_as_fsdp2(self, *args, **kwargs):
 
 
 if __name__ == "__main__":
-    Accelerator.__init__ = _init_as_fsdp2
+    Accelerator.__init__ = _init_as_fsdp
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")
