@@ -247,6 +247,27 @@ def test_attention_equals_softmax_qk_v_in_float64():
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_gradients_equal_the_float64_reference():
+    # The backward of the fused projection's split (the part autograd assembles from three gradients) against the
+    # same formula written out in float64, with one upstream gradient for both.
+    attention = tiny_model().transformer_blocks[0].attn1
+    heads, head_dim = attention.num_heads, attention.head_dim
+    x = torch.randn(2, 5, heads * head_dim, requires_grad=True)
+    upstream = torch.randn(2, 5, heads * head_dim)
+    attention(x).backward(upstream)
+
+    x64 = x.detach().double().requires_grad_()
+    w_qkv = attention.to_qkv.weight.detach().double().requires_grad_()
+    b_qkv = attention.to_qkv.bias.detach().double().requires_grad_()
+    q, k, v = (x64 @ w_qkv.T + b_qkv).chunk(3, dim=-1)
+    split = lambda t: t.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # noqa: E731  [B, H, L, d]
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / head_dim**0.5, dim=-1)
+    out = (weights @ split(v)).transpose(1, 2).flatten(2) @ attention.to_out.weight.detach().double().T
+    out.backward(upstream.double())
+    for ours, reference in [(x.grad, x64.grad), (attention.to_qkv.weight.grad, w_qkv.grad), (attention.to_qkv.bias.grad, b_qkv.grad)]:
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-6)
+
+
 def test_query_key_value_are_each_initialised_as_a_square_xavier_map():
     # Xavier on the fused (3D, D) matrix would shrink the init by sqrt(2); each D x D part must get sqrt(6 / 2D).
     model = MaskedDiTTransformer2DModel(**{**TINY, "num_attention_heads": 4, "attention_head_dim": 64})

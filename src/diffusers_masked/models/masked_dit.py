@@ -71,7 +71,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape  # x: [B, L, D]
         qkv = self.to_qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d]
+        # Split before transposing: in backward, autograd then stacks the three gradients straight into qkv's
+        # [B, L, 3, H, d] layout (one copy); transposing first would stack them as [3, B, H, L, d] and copy again.
+        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, L, d]
         out = F.scaled_dot_product_attention(query, key, value)  # [B, H, L, d]
         return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
 
