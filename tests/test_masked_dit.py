@@ -231,19 +231,24 @@ def test_unmasked_encoder_stream_is_token_major_contiguous():
     assert seen == [True]
 
 
-def test_attention_equals_softmax_qk_v_in_float64():
-    # softmax(Q K^T / sqrt(d)) V per head, written out from the fused projection's weights.
-    attention = tiny_model().transformer_blocks[0].attn1
+def _reference_attention(attention, x, w_qkv, b_qkv):
+    """softmax(Q K^T / sqrt(d)) V per head, then the output projection, in x's dtype, from the given qkv weights."""
     heads, head_dim = attention.num_heads, attention.head_dim
-    x = torch.randn(2, 5, heads * head_dim)
-    with torch.no_grad():
-        out = attention(x)
-    w_qkv, b_qkv = attention.to_qkv.weight.double(), attention.to_qkv.bias.double()
-    q, k, v = (x.double() @ w_qkv.T + b_qkv).chunk(3, dim=-1)  # each [B, L, H*d], heads side by side
+    q, k, v = (x @ w_qkv.T + b_qkv).chunk(3, dim=-1)  # each [B, L, H*d], heads side by side
     split = lambda t: t.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # noqa: E731  [B, H, L, d]
     weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / head_dim**0.5, dim=-1)
-    expected = (weights @ split(v)).transpose(1, 2).flatten(2) @ attention.to_out.weight.double().T
-    expected = expected + attention.to_out.bias.double()
+    out = (weights @ split(v)).transpose(1, 2).flatten(2)
+    return out @ attention.to_out.weight.detach().to(x.dtype).T + attention.to_out.bias.detach().to(x.dtype)
+
+
+def test_attention_equals_softmax_qk_v_in_float64():
+    attention = tiny_model().transformer_blocks[0].attn1
+    x = torch.randn(2, 5, attention.num_heads * attention.head_dim)
+    with torch.no_grad():
+        out = attention(x)
+        expected = _reference_attention(
+            attention, x.double(), attention.to_qkv.weight.double(), attention.to_qkv.bias.double()
+        )
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -251,19 +256,14 @@ def test_attention_gradients_equal_the_float64_reference():
     # The backward of the fused projection's split (the part autograd assembles from three gradients) against the
     # same formula written out in float64, with one upstream gradient for both.
     attention = tiny_model().transformer_blocks[0].attn1
-    heads, head_dim = attention.num_heads, attention.head_dim
-    x = torch.randn(2, 5, heads * head_dim, requires_grad=True)
-    upstream = torch.randn(2, 5, heads * head_dim)
+    x = torch.randn(2, 5, attention.num_heads * attention.head_dim, requires_grad=True)
+    upstream = torch.randn_like(x)
     attention(x).backward(upstream)
 
     x64 = x.detach().double().requires_grad_()
     w_qkv = attention.to_qkv.weight.detach().double().requires_grad_()
     b_qkv = attention.to_qkv.bias.detach().double().requires_grad_()
-    q, k, v = (x64 @ w_qkv.T + b_qkv).chunk(3, dim=-1)
-    split = lambda t: t.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # noqa: E731  [B, H, L, d]
-    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / head_dim**0.5, dim=-1)
-    out = (weights @ split(v)).transpose(1, 2).flatten(2) @ attention.to_out.weight.detach().double().T
-    out.backward(upstream.double())
+    _reference_attention(attention, x64, w_qkv, b_qkv).backward(upstream.double())
     for ours, reference in [(x.grad, x64.grad), (attention.to_qkv.weight.grad, w_qkv.grad), (attention.to_qkv.bias.grad, b_qkv.grad)]:
         torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-6)
 
