@@ -58,8 +58,9 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused query-key-value projection (the layout of DiT's and MaskDiT's own
     code) and PyTorch's ``scaled_dot_product_attention``.
 
-    One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones is measurably faster in a training
-    step (forward and backward), and official checkpoints load without splitting ``qkv``."""
+    One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones means fewer, larger operations (on the
+    project's CPU every shape multiplies at the same rate, so the step is at parity with diffusers' DiT; see
+    docs/benchmarks.md), and official checkpoints load without splitting ``qkv``."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int):
         super().__init__()
