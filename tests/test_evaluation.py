@@ -291,8 +291,7 @@ def test_evaluate_cli_runs_on_a_saved_pipeline(tmp_path, cache_dir, classifier, 
         scale=0.0, sample_size=16, patch_size=4, in_channels=1, num_layers=1, decoder_num_layers=0
     )
     MaskDiTPipeline(transformer, EDMHeunScheduler()).save_pretrained(tmp_path / "pipeline")
-    # Loaded by path under its own name: `import evaluate` is the Hugging Face evaluate library.
-    spec = importlib.util.spec_from_file_location("evaluate_example", EXAMPLES / "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_maskdit", EXAMPLES / "evaluate_maskdit.py")
     evaluate_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate_cli)
 

@@ -1,7 +1,7 @@
 """Evaluate a saved class-conditional digits pipeline: FID against the real digits, the FID floor, sample accuracy.
 
-    python examples/evaluate.py --pipeline_dir out/maskdit-digits
-    python examples/evaluate.py --pipeline_dir out/maskdit-digits --num_samples_per_class 100 \
+    python examples/evaluate_maskdit.py --pipeline_dir out/maskdit-digits
+    python examples/evaluate_maskdit.py --pipeline_dir out/maskdit-digits --num_samples_per_class 100 \
         --feature_extractor inception --inception_weights /path/to/weights-inception-2015-12-05-6726825d.pth \
         --output_json out/maskdit-digits/eval.json
 
