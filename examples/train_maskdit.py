@@ -566,9 +566,6 @@ def main(args):
             "--use_ema under FSDP needs FSDP version 2 (fsdp_version: 2 in the accelerate config), whose sharded "
             "parameters the EMA follows shard by shard; with FSDP version 1 pass --no-use_ema"
         )
-    if sharded and args.validation_steps:
-        logger.warning("FSDP: mid-training validation grids are skipped (sampling would need every rank)")
-        args.validation_steps = 0
     if accelerator.device.type == "cpu":
         logger.info(f"CPU training: {configure_cpu_threads(args.cpu_threads)} torch thread(s) per process")
     set_seed(args.seed)
@@ -759,8 +756,9 @@ def main(args):
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < total_steps:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir)
+            # Under FSDP every rank samples (each forward gathers the shards: collectives), the main one saves.
+            if args.validation_steps and global_step % args.validation_steps == 0 and (sharded or accelerator.is_main_process):
+                log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir, sharded)
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
@@ -839,20 +837,36 @@ def check_ranks_agree(accelerator, model):
     logger.info(f"all {accelerator.num_processes} ranks hold identical weights (checksum {checksum.tolist()})")
 
 
-def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir):
-    """A sample grid from the EMA weights (one row per class), as PNG and in TensorBoard."""
+def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir, sharded=False):
+    """A sample grid from the EMA weights (one row per class), as PNG and in TensorBoard.
+
+    Unsharded, only the main process calls this. Under FSDP every rank must: each rank swaps its own EMA shards in,
+    and all of them run the same sampling loop (same seed, same steps) so that their forwards' all-gathers pair up.
+    """
     unwrapped = accelerator.unwrap_model(model)
+    parameters = list(unwrapped.parameters())
+    stored = None
     if ema is not None:
-        ema.store(unwrapped.parameters())
-        ema.copy_to(unwrapped.parameters())
+        if sharded:
+            # EMAModel.store would move the shards to the CPU; a rank's shards are small, keep them where they are.
+            stored = [p.detach().clone() for p in parameters]
+        else:
+            ema.store(parameters)
+        ema.copy_to(parameters)
     unwrapped.eval()
     try:
         pipeline = make_pipeline(unwrapped, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
         grid = sample_grid(pipeline, args.num_classes, args.num_validation_images_per_class, args, seed=args.seed)
     finally:
-        if ema is not None:
-            ema.restore(unwrapped.parameters())
+        if stored is not None:
+            with torch.no_grad():
+                for parameter, saved in zip(parameters, stored):
+                    parameter.copy_(saved)
+        elif ema is not None:
+            ema.restore(parameters)
         unwrapped.train()
+    if not accelerator.is_main_process:
+        return
     (output_dir / "validation").mkdir(exist_ok=True)
     grid.save(output_dir / "validation" / f"step-{global_step:07d}.png")
     for tracker in accelerator.trackers:

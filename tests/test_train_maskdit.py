@@ -287,14 +287,15 @@ def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
-FSDP_RUN = ["--train_batch_size", "8", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2"]
+FSDP_RUN = ["--train_batch_size", "8", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2", "--validation_steps", "2"]
 
 
 @pytest.mark.slow
 def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too(tmp_path):
     # FSDP2 through accelerate on two CPU processes (tests/fsdp_on_cpu.py): sharded weights, optimizer state and EMA,
-    # sharded checkpoints, gathered final (EMA) weights. Stopped after 2 steps and resumed with --max_train_steps 4,
-    # it must end where an uninterrupted 4-step data-parallel run ends, to the bit.
+    # sharded checkpoints, gathered final (EMA) weights, validation grids sampled by every rank. Stopped after 2 steps
+    # and resumed with --max_train_steps 4, it must end where an uninterrupted 4-step data-parallel run ends, to the
+    # bit, with the same validation grids (the data-parallel run samples on the main process alone).
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _launch("--output_dir", str(ddp), *FSDP_RUN, "--max_train_steps", "4", num_processes=2)
     _launch("--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "2", num_processes=2, fsdp=True)
@@ -309,6 +310,9 @@ def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too
     assert "resumed from" in result.stderr and "at step 2" in result.stderr
     final = "transformer/diffusion_pytorch_model.safetensors"
     _assert_same_weights(_weights(fsdp / final), _weights(ddp / final))
+    for step in ("step-0000002.png", "step-0000004.png"):
+        with Image.open(ddp / "validation" / step) as expected, Image.open(fsdp / "validation" / step) as grid:
+            np.testing.assert_array_equal(np.asarray(grid), np.asarray(expected))
     raw = _weights(ddp / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(raw[key], value) for key, value in _weights(ddp / final).items())  # the EMA, not raw
 
