@@ -111,6 +111,14 @@ def parse_args(argv=None):
         help="AdamW implementation for every model: 'fused' is what examples/train_maskdit.py uses; 'for-loop' is "
         "torch's default on CPU (per parameter, several times slower), 'foreach' its default on CUDA.",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="Fresh processes per configuration, each timing --steps steps. A process's memory layout stays for its "
+        "whole life and moved a model's median by several percent here, which its own rounds cannot show; with N > 1 "
+        "the interval resamples the processes too.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
     args = parser.parse_args(argv)
@@ -118,6 +126,8 @@ def parse_args(argv=None):
         args.dtype = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
     if args.warmup < 2:
         parser.error(
             f"--warmup must be >= 2 (the second step is the first with AdamW's state allocated, which peak memory "
@@ -299,15 +309,26 @@ class ModelProcess:
         self.process.join()
 
 
-def median_ci(values: list[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[float]:
-    """Percentile-bootstrap interval of the median: how far the median of this many noisy rounds can be trusted.
+def median_ci(
+    groups: list[list[float]], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> list[float]:
+    """Percentile-bootstrap interval of the median of all values: how far the median of this many noisy rounds can
+    be trusted.
 
-    On this project's 2-core VM single steps vary by +-10-15%, so with ~13 rounds a median ratio is known to a few
-    percent; a target verdict inside that interval is within the machine's resolution."""
+    ``groups`` holds one list per process. The bootstrap resamples the processes, then the values within each, so
+    the spread between processes (their memory layouts differ) widens the interval along with the step-to-step
+    noise; with one process it is the plain bootstrap of the median. On this project's 2-core VM single steps vary
+    by +-10-15%, so with ~13 rounds a median ratio is known to a few percent; a target verdict inside that interval
+    is within the machine's resolution."""
+    groups = [list(group) for group in groups if group]
+    values = [value for group in groups for value in group]
     if len(values) < 2:
         return [values[0], values[0]] if values else [float("nan"), float("nan")]
     rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    medians = sorted(
+        statistics.median([v for group in rng.choices(groups, k=len(groups)) for v in rng.choices(group, k=len(group))])
+        for _ in range(resamples)
+    )
     tail = (1 - confidence) / 2
     return [medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]]
 
@@ -315,8 +336,8 @@ def median_ci(values: list[float], confidence: float = 0.95, resamples: int = 20
 def time_size(args, preset: str, dtype: str) -> list[dict]:
     """Rows for one preset and precision: diffusers' DiT, then ours with each decoder at each mask ratio.
 
-    One phase per mask ratio: fresh processes for our models at that ratio step in turn with diffusers' DiT
-    (one process throughout), so each of ours is compared with the DiT steps taken alongside it."""
+    One phase per mask ratio and process set (``--processes``): fresh processes for diffusers' DiT and for each of
+    our models at that ratio step in turn, so each of ours is compared with the DiT steps taken alongside it."""
     context = multiprocessing.get_context("spawn")
     common = {
         "preset": preset,
@@ -329,41 +350,48 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
         "optimizer": args.optimizer,
         "seed": args.seed,
     }
-    results = {}  # (kind, ratio) -> (num_parameters, memory, times, DiT times alongside)
-    dit = ModelProcess(context, {**common, "kind": "dit", "mask_ratio": None})
-    try:
-        dit_memory, dit_times = dit.ask("warmup"), []
-        for ratio in args.mask_ratios:
-            ours = {
-                kind: ModelProcess(context, {**common, "kind": kind, "mask_ratio": ratio})
-                for kind in args.decoders
-            }
+    # (kind, ratio) -> {"num_parameters", "memory": [per process], "times": [[per process]], "dit": [[alongside]]}
+    results = {}
+    for ratio in args.mask_ratios:
+        for process_set in range(args.processes):
+            kinds = ["dit", *args.decoders]
+            processes = {}
             try:
-                memory = {kind: process.ask("warmup") for kind, process in ours.items()}
-                phase = [("dit", dit), *ours.items()]
-                times = {kind: [] for kind, _ in phase}
+                for kind in kinds:
+                    processes[kind] = ModelProcess(
+                        context, {**common, "kind": kind, "mask_ratio": None if kind == "dit" else ratio}
+                    )
+                memory = {kind: process.ask("warmup") for kind, process in processes.items()}
+                phase = list(processes.items())
+                times = {kind: [] for kind in kinds}
                 for step in range(args.steps):
                     # Rotating the order keeps any model from always following the same other one.
                     shift = step % len(phase)
                     for kind, process in phase[shift:] + phase[:shift]:
                         times[kind].append(process.ask("step"))
-                    print(f"  {preset} {dtype} mask {ratio}: step {step + 1}/{args.steps}", flush=True)
+                    where = f", process set {process_set + 1}/{args.processes}" if args.processes > 1 else ""
+                    print(f"  {preset} {dtype} mask {ratio}{where}: step {step + 1}/{args.steps}", flush=True)
             finally:
-                for process in ours.values():
+                for process in processes.values():
                     process.close()
-            for kind, process in ours.items():
-                results[kind, ratio] = (process.num_parameters, memory[kind], times[kind], times["dit"])
-            dit_times += times["dit"]
-        results["dit", None] = (dit.num_parameters, dit_memory, dit_times, dit_times)
-    finally:
-        dit.close()
+            for kind in kinds:
+                key = ("dit", None) if kind == "dit" else (kind, ratio)
+                entry = results.setdefault(
+                    key, {"num_parameters": processes[kind].num_parameters, "memory": [], "times": [], "dit": []}
+                )
+                entry["memory"].append(memory[kind])
+                entry["times"].append(times[kind])
+                entry["dit"].append(times["dit"])
 
     rows = []
     for kind, ratio in [("dit", None)] + [(kind, ratio) for kind in args.decoders for ratio in args.mask_ratios]:
-        num_parameters, memory, times, dit_alongside = results[kind, ratio]
+        entry = results[kind, ratio]
+        times = [t for group in entry["times"] for t in group]
+        dit_alongside = [t for group in entry["dit"] for t in group]
         # Step i of ours and step i of DiT were taken in the same round, seconds apart: their ratio cancels the
         # slower drifts of a shared host, which moved DiT-B/2's own step between 13.7 and 21.2 s in one run.
-        paired = [ours / dit for ours, dit in zip(times, dit_alongside)]
+        paired = [[a / b for a, b in zip(ours, dit)] for ours, dit in zip(entry["times"], entry["dit"])]
+        flat_paired = [r for group in paired for r in group]
         row = {
             "size": preset,
             "device": args.device,
@@ -371,16 +399,18 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
             "model": "diffusers DiT" if kind == "dit" else "ours",
             "decoder": decoder_label(kind, preset),
             "mask_ratio": ratio or 0.0,
-            "params_m": num_parameters / 1e6,
+            "params_m": entry["num_parameters"] / 1e6,
+            "processes": len(entry["times"]),
             "step_s": statistics.median(times),
             "step_s_all": times,
             "dit_step_s_alongside": dit_alongside,
-            "vs_dit": statistics.median(paired),
-            "vs_dit_paired": paired,
+            "vs_dit": statistics.median(flat_paired),
+            "vs_dit_paired": flat_paired,
+            "vs_dit_per_process": [statistics.median(group) for group in paired],
             "vs_dit_of_medians": statistics.median(times) / statistics.median(dit_alongside),
             "vs_dit_ci95": median_ci(paired),
             "vs_dit_min": min(times) / min(dit_alongside),
-            "memory_mib": memory / 2**20,
+            "memory_mib": statistics.median(entry["memory"]) / 2**20,
             "target": None,
             "passed": None,
         }
@@ -505,6 +535,12 @@ def format_step_table(rows: list[dict]) -> str:
             f"{row['params_m']:>6.1f}M {row['step_s']:>7.3f} {row['vs_dit']:>5.2f}x {low:>5.2f}-{high:<5.2f} "
             f"{row['vs_dit_min']:>5.2f}x {row['memory_mib']:>8.0f}  {target}"
         )
+    per_process = [row for row in rows if row.get("processes", 1) > 1 and row["model"] != "diffusers DiT"]
+    if per_process:
+        lines.append("\n'vs DiT' of each process set (its own median):")
+        for row in per_process:
+            ratios = " ".join(f"{ratio:.3f}" for ratio in row["vs_dit_per_process"])
+            lines.append(f"  {row['size']} {row['dtype']} {row['decoder']} mask {row['mask_ratio']:.2f}: {ratios}")
     return "\n".join(lines)
 
 
@@ -538,6 +574,7 @@ def main(argv=None):
         "resolution": args.resolution,
         "in_channels": IN_CHANNELS,
         "steps": args.steps,
+        "processes": args.processes,
         "warmup": args.warmup,
         "mask_ratios": args.mask_ratios,
         "decoders": args.decoders,
@@ -573,7 +610,7 @@ def main(argv=None):
     print(
         f"Training step (forward + loss + backward + {args.optimizer} AdamW), batch {args.batch_size}, "
         f"{IN_CHANNELS}x{args.resolution}x{args.resolution} latents, median of {args.steps} steps after "
-        f"{args.warmup} warm-up; 'vs DiT': median over the rounds of our step / the DiT step of "
+        f"{args.warmup} warm-up in each of {args.processes} fresh process set(s); 'vs DiT': median over the rounds of our step / the DiT step of "
         f"the same round, '95% CI' a bootstrap interval of that median, '(min)': fastest step over fastest DiT step; memory: {result['settings']['memory']}\n"
     )
     print(format_step_table(step_rows))

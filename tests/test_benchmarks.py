@@ -1,0 +1,42 @@
+"""The benchmark's statistics (its timings are measured by running it, never asserted here)."""
+
+import importlib.util
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
+train_step = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_step)
+
+
+def test_one_process_interval_is_the_plain_bootstrap_of_the_median():
+    rng = random.Random(1)
+    values = [1.0 + rng.gauss(0, 0.05) for _ in range(25)]
+    low, high = train_step.median_ci([values])
+    # An independent plain bootstrap of the median, with many more resamples.
+    boot = random.Random(7)
+    medians = sorted(statistics.median(boot.choices(values, k=len(values))) for _ in range(20000))
+    assert low == pytest.approx(medians[500], abs=0.01) and high == pytest.approx(medians[19500], abs=0.01)
+    assert low < statistics.median(values) < high
+
+
+def test_the_spread_between_processes_widens_the_interval():
+    # Four processes whose steps are steady (+-0.2%) but whose levels differ by up to 8%: the steps of all of
+    # them pooled as one process would give a narrow interval around the pooled median; resampling the processes
+    # must give one that covers the levels' spread.
+    rng = random.Random(3)
+    levels = [0.98, 1.00, 1.03, 1.06]
+    groups = [[level + rng.uniform(-0.002, 0.002) for _ in range(8)] for level in levels]
+    pooled = train_step.median_ci([[v for group in groups for v in group]])
+    clustered = train_step.median_ci(groups)
+    assert clustered[0] <= 0.99 and clustered[1] >= 1.05
+    assert clustered[1] - clustered[0] > 1.5 * (pooled[1] - pooled[0])
+
+
+def test_processes_must_be_positive():
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--processes", "0"])
