@@ -848,7 +848,7 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, glob
     stored = None
     if ema is not None:
         if sharded:
-            # EMAModel.store would move the shards to the CPU; a rank's shards are small, keep them where they are.
+            # EMAModel.store would move the shards to the CPU and back; a copy on the rank's device costs 1/N of the model.
             stored = [p.detach().clone() for p in parameters]
         else:
             ema.store(parameters)
