@@ -116,7 +116,7 @@ def parse_args(argv=None):
         type=int,
         default=1,
         help="Fresh processes per configuration, each timing --steps steps. A process's memory layout stays for its "
-        "whole life and moved a model's median by several percent here, which its own rounds cannot show; with N > 1 "
+        "whole life and moved a model's median by up to 20%% here, which its own rounds cannot show; with N > 1 "
         "the interval resamples the processes too.",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -610,8 +610,9 @@ def main(argv=None):
     print(
         f"Training step (forward + loss + backward + {args.optimizer} AdamW), batch {args.batch_size}, "
         f"{IN_CHANNELS}x{args.resolution}x{args.resolution} latents, median of {args.steps} steps after "
-        f"{args.warmup} warm-up in each of {args.processes} fresh process set(s); 'vs DiT': median over the rounds of our step / the DiT step of "
-        f"the same round, '95% CI' a bootstrap interval of that median, '(min)': fastest step over fastest DiT step; memory: {result['settings']['memory']}\n"
+        f"{args.warmup} warm-up in each of {args.processes} fresh process set(s); 'vs DiT': median over the rounds "
+        f"of our step / the DiT step of the same round, '95% CI' a bootstrap interval of that median, '(min)': "
+        f"fastest step over fastest DiT step; memory: {result['settings']['memory']}\n"
     )
     print(format_step_table(step_rows))
     if "flops" in result:

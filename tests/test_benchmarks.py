@@ -40,3 +40,10 @@ def test_the_spread_between_processes_widens_the_interval():
 def test_processes_must_be_positive():
     with pytest.raises(SystemExit):
         train_step.parse_args(["--processes", "0"])
+
+
+def test_help_renders(capsys):
+    # argparse formats every help string with %, so a stray percent sign breaks --help.
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--processes" in capsys.readouterr().out
