@@ -10,8 +10,8 @@ and, unless ``--skip_flops``, counts the forward FLOPs of the XL/2 models. It pr
     python benchmarks/train_step.py                   # S/2, batch 8, 4x32x32 latents, XL/2 FLOPs (~10 min, 2 cores)
     python benchmarks/train_step.py --sizes S/2 B/2 --steps 7   # table 1 in docs/benchmarks.md (~28 min)
 
-Fairness: every model runs in train mode, with the same inputs, the same number of threads and the same AdamW
-kernel. Each configuration (model and mask ratio) lives in a fresh process of its own, so its peak RSS is its own.
+Fairness: every model runs in train mode, with the same inputs, the same number of threads, the same AdamW
+kernel and the same C-allocator setting (``--allocator``). Each configuration (model and mask ratio) lives in a fresh process of its own, so its peak RSS is its own.
 For each mask ratio our models step in turn with diffusers' DiT, one step each per round, and each of our steps is
 compared with the DiT step of its round, so the load of a shared machine falls on both sides of a ratio alike.
 """
@@ -19,6 +19,7 @@ compared with the DiT step of its round, so the load of a shared machine falls o
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import multiprocessing
@@ -118,6 +119,15 @@ def parse_args(argv=None):
         help="Fresh processes per configuration, each timing --steps steps. A process's memory layout stays for its "
         "whole life and moved a model's median by up to 20%% here, which its own rounds cannot show; with N > 1 "
         "the interval resamples the processes too.",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=["keep", "system"],
+        default="keep",
+        help="'keep' (default): each worker's C allocator keeps the memory its steps free (glibc: no mmap for large "
+        "blocks, no trimming), as a training process stepping back to back effectively does; 'system': glibc's "
+        "defaults, under which a worker that waits for the others' steps returns its activations to the system and "
+        "re-faults them next step (up to 1 GB and 12%% of a B/2 step here, in some processes and not others).",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
@@ -235,17 +245,47 @@ def train_step(model, optimizer, batch, mask, autocast_dtype) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process: serve large blocks from the heap instead of fresh ``mmap``s and
+    never trim the heap. Returns whether it applied (False where the C library is not glibc).
+
+    Why: under glibc's defaults a freed block above the mmap threshold, or a heap top above the trim threshold, goes
+    back to the system, and the next step's activations page-fault in anew. How often depends on the order and sizes
+    of a process's allocations, not on its arithmetic: in this benchmark's rotation, where each worker sleeps while
+    the others step, one B/2 model took ~250k faults (~1 GB) and 0.9 s more per step than the same model with this
+    setting, and which of the models suffered changed from process to process."""
+    try:
+        libc = ctypes.CDLL(None)  # the C library the interpreter runs on
+    except (OSError, TypeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def minor_page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def max_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 def _worker(conn, spec: dict) -> None:
-    """Serve one model at one mask ratio: ``"warmup"`` -> peak memory in bytes, ``"step"`` -> seconds, ``None`` ends.
+    """Serve one model at one mask ratio: ``"warmup"`` -> peak memory in bytes, ``"step"`` -> (seconds, minor page
+    faults), ``None`` ends.
 
     On CPU the memory is how far the process's peak RSS grew over its value before the model was built: weights,
     gradients, AdamW state and activations. On CUDA it is ``max_memory_allocated``."""
     try:
+        if spec["allocator"] == "keep" and not keep_freed_memory():
+            raise RuntimeError("--allocator keep needs glibc's mallopt; use --allocator system on this platform")
         torch.set_num_threads(spec["threads"])
         device = torch.device(spec["device"])
         autocast_dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
@@ -274,10 +314,11 @@ def _worker(conn, spec: dict) -> None:
                 )
             else:
                 synchronize()
+                faults = minor_page_faults()
                 start = time.perf_counter()
                 train_step(model, optimizer, batch, mask, autocast_dtype)
                 synchronize()
-                conn.send(time.perf_counter() - start)
+                conn.send((time.perf_counter() - start, minor_page_faults() - faults))
     except Exception:
         conn.send(RuntimeError(f"benchmark worker for {spec} failed:\n{traceback.format_exc()}"))
     finally:
@@ -348,6 +389,7 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
         "dtype": dtype,
         "threads": args.threads,
         "optimizer": args.optimizer,
+        "allocator": args.allocator,
         "seed": args.seed,
     }
     # (kind, ratio) -> {"num_parameters", "memory": [per process], "times": [[per process]], "dit": [[alongside]]}
@@ -364,11 +406,14 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
                 memory = {kind: process.ask("warmup") for kind, process in processes.items()}
                 phase = list(processes.items())
                 times = {kind: [] for kind in kinds}
+                faults = {kind: [] for kind in kinds}
                 for step in range(args.steps):
                     # Rotating the order keeps any model from always following the same other one.
                     shift = step % len(phase)
                     for kind, process in phase[shift:] + phase[:shift]:
-                        times[kind].append(process.ask("step"))
+                        seconds, step_faults = process.ask("step")
+                        times[kind].append(seconds)
+                        faults[kind].append(step_faults)
                     where = f", process set {process_set + 1}/{args.processes}" if args.processes > 1 else ""
                     print(f"  {preset} {dtype} mask {ratio}{where}: step {step + 1}/{args.steps}", flush=True)
             finally:
@@ -377,10 +422,12 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
             for kind in kinds:
                 key = ("dit", None) if kind == "dit" else (kind, ratio)
                 entry = results.setdefault(
-                    key, {"num_parameters": processes[kind].num_parameters, "memory": [], "times": [], "dit": []}
+                    key,
+                    {"num_parameters": processes[kind].num_parameters, "memory": [], "times": [], "faults": [], "dit": []},
                 )
                 entry["memory"].append(memory[kind])
                 entry["times"].append(times[kind])
+                entry["faults"].append(faults[kind])
                 entry["dit"].append(times["dit"])
 
     rows = []
@@ -410,6 +457,8 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
             "vs_dit_of_medians": statistics.median(times) / statistics.median(dit_alongside),
             "vs_dit_ci95": median_ci(paired),
             "vs_dit_min": min(times) / min(dit_alongside),
+            "page_faults_per_step": statistics.median(f for group in entry["faults"] for f in group),
+            "page_faults_all": [f for group in entry["faults"] for f in group],
             "memory_mib": statistics.median(entry["memory"]) / 2**20,
             "target": None,
             "passed": None,
@@ -525,15 +574,15 @@ def pass_label(passed) -> str:
 
 def format_step_table(rows: list[dict]) -> str:
     header = f"{'size':<5} {'dtype':<5} {'model':<14} {'decoder':<11} {'mask':>4} {'params':>7} {'step s':>7} "
-    header += f"{'vs DiT':>6} {'95% CI':>11} {'(min)':>6} {'mem MiB':>8}  target"
+    header += f"{'vs DiT':>6} {'95% CI':>11} {'(min)':>6} {'faults':>7} {'mem MiB':>8}  target"
     lines = [header, "-" * len(header)]
     for row in rows:
         target = f"{row['target']} {pass_label(row['passed'])}" if row["target"] else ""
         low, high = row["vs_dit_ci95"]
         lines.append(
             f"{row['size']:<5} {row['dtype']:<5} {row['model']:<14} {row['decoder']:<11} {row['mask_ratio']:>4.2f} "
-            f"{row['params_m']:>6.1f}M {row['step_s']:>7.3f} {row['vs_dit']:>5.2f}x {low:>5.2f}-{high:<5.2f} "
-            f"{row['vs_dit_min']:>5.2f}x {row['memory_mib']:>8.0f}  {target}"
+            f"{row['params_m']:>6.1f}M {row['step_s']:>7.3f} {row['vs_dit']:>5.3f}x {low:>5.3f}-{high:<5.3f} "
+            f"{row['vs_dit_min']:>5.3f}x {row['page_faults_per_step'] / 1e3:>6.0f}k {row['memory_mib']:>8.0f}  {target}"
         )
     per_process = [row for row in rows if row.get("processes", 1) > 1 and row["model"] != "diffusers DiT"]
     if per_process:
@@ -581,6 +630,7 @@ def main(argv=None):
         "dtypes": args.dtype,
         "optimizer": f"AdamW(lr={LEARNING_RATE}, {args.optimizer})",
         "mae_loss_weight": MAE_LOSS_WEIGHT,
+        "allocator": args.allocator,
         "light_decoder": {size: light_decoder(size) for size in [*args.sizes, FLOPS_PRESET]},
         "memory": "CUDA max_memory_allocated"
         if args.device.startswith("cuda")
@@ -612,7 +662,8 @@ def main(argv=None):
         f"{IN_CHANNELS}x{args.resolution}x{args.resolution} latents, median of {args.steps} steps after "
         f"{args.warmup} warm-up in each of {args.processes} fresh process set(s); 'vs DiT': median over the rounds "
         f"of our step / the DiT step of the same round, '95% CI' a bootstrap interval of that median, '(min)': "
-        f"fastest step over fastest DiT step; memory: {result['settings']['memory']}\n"
+        f"fastest step over fastest DiT step; 'faults': median minor page faults per step (allocator: "
+        f"{args.allocator}); memory: {result['settings']['memory']}\n"
     )
     print(format_step_table(step_rows))
     if "flops" in result:
