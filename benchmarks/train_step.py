@@ -357,10 +357,8 @@ def median_ci(
     be trusted.
 
     ``groups`` holds one list per process. The bootstrap resamples the processes, then the values within each, so
-    the spread between processes (their memory layouts differ) widens the interval along with the step-to-step
-    noise; with one process it is the plain bootstrap of the median. On this project's 2-core VM single steps vary
-    by +-10-15%, so with ~13 rounds a median ratio is known to a few percent; a target verdict inside that interval
-    is within the machine's resolution."""
+    any spread between processes widens the interval along with the step-to-step noise; with one process it is the
+    plain bootstrap of the median. A target verdict inside that interval is within the machine's resolution."""
     groups = [list(group) for group in groups if group]
     values = [value for group in groups for value in group]
     if len(values) < 2:
