@@ -10,8 +10,9 @@ and, unless ``--skip_flops``, counts the forward FLOPs of the XL/2 models. It pr
     python benchmarks/train_step.py                   # S/2, batch 8, 4x32x32 latents, XL/2 FLOPs (~10 min, 2 cores)
     python benchmarks/train_step.py --sizes S/2 B/2 --steps 7   # table 1 in docs/benchmarks.md (~28 min)
 
-Fairness: every model runs in train mode, with the same inputs, the same number of threads, the same AdamW
-kernel and the same C-allocator setting (``--allocator``). Each configuration (model and mask ratio) lives in a fresh process of its own, so its peak RSS is its own.
+Fairness: every model runs in train mode, with the same inputs, the same number of threads, the same AdamW kernel
+and the same C-allocator setting (``--allocator``). Each configuration (model and mask ratio) lives in a fresh
+process of its own, so its peak RSS is its own.
 For each mask ratio our models step in turn with diffusers' DiT, one step each per round, and each of our steps is
 compared with the DiT step of its round, so the load of a shared machine falls on both sides of a ratio alike.
 """
@@ -116,9 +117,9 @@ def parse_args(argv=None):
         "--processes",
         type=int,
         default=1,
-        help="Fresh processes per configuration, each timing --steps steps. A process's memory layout stays for its "
-        "whole life and moved a model's median by up to 20%% here, which its own rounds cannot show; with N > 1 "
-        "the interval resamples the processes too.",
+        help="Fresh processes per configuration, each timing --steps steps; with N > 1 the interval resamples the "
+        "processes too, so a spread between processes that their own rounds cannot show widens it (under "
+        "--allocator system, glibc's trimming moved a model's median by up to 20%% here).",
     )
     parser.add_argument(
         "--allocator",
@@ -390,7 +391,8 @@ def time_size(args, preset: str, dtype: str) -> list[dict]:
         "allocator": args.allocator,
         "seed": args.seed,
     }
-    # (kind, ratio) -> {"num_parameters", "memory": [per process], "times": [[per process]], "dit": [[alongside]]}
+    # (kind, ratio) -> {"num_parameters", "memory": [per process], "times"/"faults": [[per process]],
+    #                   "dit": [[alongside]]}
     results = {}
     for ratio in args.mask_ratios:
         for process_set in range(args.processes):
