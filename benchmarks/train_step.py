@@ -260,13 +260,17 @@ def keep_freed_memory() -> bool:
     of a process's allocations, not on its arithmetic: in this benchmark's rotation, where each worker sleeps while
     the others step, one B/2 model took ~250k faults (~1 GB) and 0.9 s more per step than the same model with this
     setting, and which of the models suffered changed from process to process."""
+    libc = glibc()
+    return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library the interpreter runs on, if it is glibc."""
     try:
-        libc = ctypes.CDLL(None)  # the C library the interpreter runs on
+        libc = ctypes.CDLL(None)
     except (OSError, TypeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def minor_page_faults() -> int:

@@ -1,6 +1,5 @@
-"""The benchmark's statistics (its timings are measured by running it, never asserted here)."""
+"""The benchmark's statistics and allocator setting (its timings are measured by running it, never asserted here)."""
 
-import ctypes
 import importlib.util
 import random
 import statistics
@@ -78,7 +77,7 @@ def _faults_of_three_more_64_mib_blocks(allocator):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"), reason="glibc's mallopt")
+@pytest.mark.skipif(train_step.glibc() is None, reason="glibc's mallopt")
 def test_keep_freed_memory_stops_freed_blocks_from_faulting_in_anew():
     # glibc's default serves a 64 MiB block (above its largest mmap threshold) by a fresh mmap each time: 16,384
     # pages fault in again per block. Kept, once warm, each block reuses pages an earlier one freed.
