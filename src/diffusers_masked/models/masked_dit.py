@@ -104,18 +104,23 @@ class AdaLNZeroBlock(nn.Module):
         return torch.addcmul(x, gate_mlp, self.ff(h))
 
 
-class AdaLNFinalLayer(nn.Module):
-    """Modulated LayerNorm then a linear map from tokens to ``patch_size**2 * out_channels`` values."""
+class AdaLNProjection(nn.Module):
+    """LayerNorm (no affine), modulated by a shift and scale from the conditioning vector, then a linear map.
 
-    def __init__(self, dim: int, cond_dim: int, patch_size: int, out_channels: int, norm_eps: float):
+    MaskDiT uses it twice: as the *decoder layer* that takes the encoder's tokens into the decoder's width, and as
+    the *final layer* that maps tokens to ``patch_size**2 * out_channels`` values. Both start at zero (modulation
+    and projection), as in the paper."""
+
+    def __init__(self, dim: int, cond_dim: int, out_features: int, norm_eps: float):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.modulation = nn.Linear(cond_dim, 2 * dim)
-        self.proj = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.proj = nn.Linear(dim, out_features)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(F.silu(cond)).chunk(2, dim=1)
-        return self.proj(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+        # x: [B, L, D], cond: [B, cond_dim]
+        shift, scale = self.modulation(F.silu(cond))[:, None].chunk(2, dim=2)
+        return self.proj(torch.addcmul(shift, self.norm(x), 1 + scale))
 
 
 class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
@@ -207,7 +212,9 @@ class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
         # Decoder: narrower, over all tokens, a shared mask token where the encoder saw nothing.
         if decoder_num_layers:
-            self.decoder_embed = nn.Linear(self.inner_dim, self.decoder_dim)
+            # The paper's decoder layer: the encoder's residual stream is normalised and modulated before the
+            # projection into the decoder's width.
+            self.decoder_layer = AdaLNProjection(self.inner_dim, self.inner_dim, self.decoder_dim, norm_eps)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.decoder_dim))
             self.register_buffer(
                 "decoder_pos_embed", sincos_positions(self.decoder_dim, grid, grid), persistent=False
@@ -226,12 +233,12 @@ class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 ]
             )
         else:
-            self.decoder_embed = None
+            self.decoder_layer = None
             self.mask_token = None
             self.decoder_pos_embed = None
             self.decoder_blocks = nn.ModuleList()
-        self.final_layer = AdaLNFinalLayer(
-            self.decoder_dim or self.inner_dim, self.inner_dim, patch_size, self.out_channels, norm_eps
+        self.final_layer = AdaLNProjection(
+            self.decoder_dim or self.inner_dim, self.inner_dim, patch_size * patch_size * self.out_channels, norm_eps
         )
         self._initialize_weights()
 
@@ -257,9 +264,11 @@ class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
         for block in [*self.transformer_blocks, *self.decoder_blocks]:
             nn.init.zeros_(block.modulation.weight)
             nn.init.zeros_(block.modulation.bias)
-        for layer in (self.final_layer.modulation, self.final_layer.proj):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for projection in (self.decoder_layer, self.final_layer):
+            if projection is not None:
+                for layer in (projection.modulation, projection.proj):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MaskedDiTTransformer2DModel:
@@ -408,9 +417,9 @@ class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
             x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, N_vis, D]
         x = self._run_blocks(self.transformer_blocks, x, cond)
 
-        if self.decoder_embed is not None:
+        if self.decoder_layer is not None:
             # Decoder: visible tokens at their places, the shared mask token everywhere else.
-            x = self.decoder_embed(x)  # [B, N_vis, D_dec]
+            x = self.decoder_layer(x, cond)  # [B, N_vis, D_dec]
             if num_removed:
                 full = self.mask_token.to(x.dtype).expand(batch, num_tokens, -1).clone()  # [B, N, D_dec]
                 x = full.scatter(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]), x)
