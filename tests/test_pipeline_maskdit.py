@@ -159,6 +159,12 @@ def test_save_pretrained_writes_shim_index_and_card(pipe, tmp_path):
     assert index["id2label"]["2"] == "two,deux"
     shim = (tmp_path / "pipeline_maskdit.py").read_text()
     assert "from diffusers_masked.pipelines.pipeline_maskdit import MaskDiTPipeline" in shim
+    # Each component of ours is named by a one-line shim in its folder, so diffusers' Hub download finds it.
+    assert index["transformer"] == ["masked_dit", "MaskedDiTTransformer2DModel"]
+    assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
+    component_shim = (tmp_path / "transformer" / "masked_dit.py").read_text()
+    code = [line for line in component_shim.splitlines() if not line.startswith("#")]
+    assert code == ["from diffusers_masked.models.masked_dit import MaskedDiTTransformer2DModel  # noqa: F401"]
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     assert "library_name: diffusers" in (tmp_path / "README.md").read_text()
 
