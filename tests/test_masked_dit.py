@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -308,3 +310,15 @@ def test_decoder_input_is_invariant_to_the_scale_of_the_encoder_stream():
     cond = torch.randn(2, model.inner_dim, dtype=torch.float64)
     # (up to the 1e-6 epsilon under the square root)
     torch.testing.assert_close(model.decoder_layer(5.0 * x, cond), model.decoder_layer(x, cond), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_layers", [3, 1], ids=["weights-missing", "weights-left-over"])
+def test_loading_weights_that_do_not_fit_the_config_fails_naming_the_keys(tmp_path, num_layers):
+    # A config edited by hand (or saved apart from its weights): diffusers only warns and leaves meta tensors or
+    # drops weights; we refuse at load.
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_layers"] = num_layers
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not fit its config.*transformer_blocks\.[12]\."):
+        MaskedDiTTransformer2DModel.from_pretrained(tmp_path)

@@ -142,6 +142,8 @@ def test_unconditional_model_takes_batch_size():
         ({"class_labels": [4]}, "out of range"),
         ({"class_labels": [-1]}, "out of range"),
         ({"class_labels": [0], "guidance_scale": -1.0}, "guidance_scale"),
+        ({"class_labels": [0], "guidance_scale": float("inf")}, "finite"),
+        ({"class_labels": [0], "guidance_scale": float("nan")}, "finite"),
         ({"class_labels": [0], "output_type": "jpeg"}, "output_type"),
         ({}, "class_labels are required"),
         ({"class_labels": [0], "latents": torch.randn(1, 1, 4, 4)}, "latents"),
@@ -255,3 +257,13 @@ def test_push_to_hub_creates_repo_and_uploads_the_saved_folder(pipe):
     assert {"model_index.json", "pipeline_maskdit.py", "README.md", "transformer/config.json", "scheduler/scheduler_config.json"} <= set(uploaded["files"])
     assert "maskdit" in uploaded["card"] and '"mask_ratio": 0.5' in uploaded["card"]
 
+
+
+def test_a_pipeline_whose_transformer_config_needs_missing_weights_fails_at_load(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    config_path = tmp_path / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_layers"] += 1
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"transformer.*missing from the weights"):
+        MaskDiTPipeline.from_pretrained(tmp_path)

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
-from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..masking import check_mask, unpatchify
+from .modeling_utils import StrictLoadingMixin
 
 # Encoder sizes of the DiT paper (Peebles & Xie 2023, table 1): num_layers, hidden size, heads.
 DIT_ENCODER_SIZES = {
@@ -123,7 +123,7 @@ class AdaLNProjection(nn.Module):
         return self.proj(torch.addcmul(shift, self.norm(x), 1 + scale))
 
 
-class MaskedDiTTransformer2DModel(ModelMixin, ConfigMixin):
+class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
     r"""
     The MaskDiT transformer: a DiT encoder that sees only the visible tokens and a light decoder over all tokens.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
@@ -134,8 +136,11 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
         """
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            # inf turns every image into NaNs and NaN would silently switch guidance off.
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         labels, batch = self._class_label_tensor(class_labels, batch_size)
