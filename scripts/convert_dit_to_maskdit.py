@@ -32,7 +32,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--decoder_num_attention_heads", type=int, default=MASKDIT_DECODER["decoder_num_attention_heads"]
     )
-    parser.add_argument("--decoder_attention_head_dim", type=int, default=MASKDIT_DECODER["decoder_attention_head_dim"])
+    parser.add_argument(
+        "--decoder_attention_head_dim", type=int, default=MASKDIT_DECODER["decoder_attention_head_dim"]
+    )
     return parser.parse_args(argv)
 
 

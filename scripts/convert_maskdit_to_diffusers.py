@@ -15,9 +15,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="The official .pt file (or a .safetensors state dict).")
     parser.add_argument("--output_dir", required=True, help="Where to save the pipeline folder.")
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Also upload the pipeline to this repo.")
     parser.add_argument(
-        "--weights", choices=WEIGHTS, default="ema", help="The averaged weights the paper samples with, or the online ones."
+        "--push_to_hub", default=None, metavar="REPO_ID", help="Also upload the pipeline to this repo."
+    )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="ema",
+        help="The averaged weights the paper samples with, or the online ones.",
     )
     parser.add_argument(
         "--vae",
@@ -26,7 +31,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--vae_subfolder", default=None, help="Folder of the VAE inside a Hub repo, e.g. 'vae'.")
     parser.add_argument(
-        "--vae_config", default=None, help="For a single-file VAE: a diffusers config (folder or Hub id) describing it."
+        "--vae_config",
+        default=None,
+        help="For a single-file VAE: a diffusers config (folder or Hub id) describing it.",
     )
     parser.add_argument("--num_attention_heads", type=int, default=16, help="Encoder heads (16 for XL/2).")
     parser.add_argument("--decoder_num_attention_heads", type=int, default=16, help="Decoder heads (16 in the paper).")

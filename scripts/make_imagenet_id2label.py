@@ -28,7 +28,9 @@ def main():
         raise SystemExit("timm is not installed; see the module docstring")
     info = Path(spec.submodule_search_locations[0]) / "data" / "_info"
     synsets = info.joinpath("imagenet_synsets.txt").read_text().split()
-    lemmas = dict(line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_lemma.txt").read_text().splitlines())
+    lemmas = dict(
+        line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_lemma.txt").read_text().splitlines()
+    )
     if len(synsets) != 1000:
         raise ValueError(f"expected 1000 ImageNet-1k synsets from timm, got {len(synsets)}")
     id2label = {str(i): lemmas[wnid].strip() for i, wnid in enumerate(synsets)}

@@ -49,12 +49,25 @@ def sincos_table(dim, grid):
         out = pos[:, None] * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     return torch.cat([one_axis(cols.reshape(-1)), one_axis(rows.reshape(-1))], dim=1)
 
 
-def official_state_dict(seed=0, width=24, depth=2, decoder_width=16, decoder_depth=1, in_channels=4, patch=2,
-                        input_size=8, num_classes=10, out_channels=None, prefix="model."):
+def official_state_dict(
+    seed=0,
+    width=24,
+    depth=2,
+    decoder_width=16,
+    decoder_depth=1,
+    in_channels=4,
+    patch=2,
+    input_size=8,
+    num_classes=10,
+    out_channels=None,
+    prefix="model.",
+):
     """An EDMPrecond-wrapped MaskDiT state dict with the official names and shapes and random values."""
     generator = torch.Generator().manual_seed(seed)
     out_channels = out_channels or in_channels
@@ -127,7 +140,10 @@ def official_forward(sd, x, c_noise, y_onehot, heads=2, decoder_heads=2, ids_shu
     def dit_block(name, h, c, num_heads):
         mod = lin(f"{name}.adaLN_modulation.1", F.silu(c)).chunk(6, dim=1)
         h = h + mod[2][:, None] * attention(f"{name}.attn", modulate(layer_norm(h), mod[0], mod[1]), num_heads)
-        mlp = lin(f"{name}.mlp.fc2", F.gelu(lin(f"{name}.mlp.fc1", modulate(layer_norm(h), mod[3], mod[4])), approximate="tanh"))
+        mlp = lin(
+            f"{name}.mlp.fc2",
+            F.gelu(lin(f"{name}.mlp.fc1", modulate(layer_norm(h), mod[3], mod[4])), approximate="tanh"),
+        )
         return h + mod[5][:, None] * mlp
 
     def adaln_projection(name, h, c):
@@ -194,7 +210,10 @@ def test_maskdit_config_is_inferred_from_shapes():
     sd = official_state_dict(**TINY_OFFICIAL)
     config = maskdit_config_from_state_dict(sd, **HEADS)
     assert (config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]) == (2, 24)
-    assert (config["decoder_num_layers"], config["decoder_num_attention_heads"] * config["decoder_attention_head_dim"]) == (1, 16)
+    assert (
+        config["decoder_num_layers"],
+        config["decoder_num_attention_heads"] * config["decoder_attention_head_dim"],
+    ) == (1, 16)
     assert (config["sample_size"], config["patch_size"], config["in_channels"], config["out_channels"]) == (8, 2, 4, 4)
     assert (config["num_classes"], config["mlp_ratio"], config["freq_shift"]) == (10, 4.0, 0)
 
@@ -367,10 +386,14 @@ def test_pipeline_samples_what_the_official_sampler_computes():
         cond = official_forward(sd, c_in * x, c_noise, F.one_hot(labels, 10))
         uncond = official_forward(sd, c_in * x, c_noise, torch.zeros(2, 10))
         f = uncond + cfg * (cond - uncond)
-        return sigma_data**2 / (sigma**2 + sigma_data**2) * x + sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt() * f
+        return (
+            sigma_data**2 / (sigma**2 + sigma_data**2) * x + sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt() * f
+        )
 
     expected = official_edm_heun(denoise, noise, num_steps=4)
-    got = pipe(class_labels=labels.tolist(), guidance_scale=cfg, num_inference_steps=4, latents=noise, output_type="latent").images
+    got = pipe(
+        class_labels=labels.tolist(), guidance_scale=cfg, num_inference_steps=4, latents=noise, output_type="latent"
+    ).images
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -380,7 +403,13 @@ def make_converted_pipeline_folder(folder: Path, num_classes: int = 10) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder.parent / f"{folder.name}-checkpoint.pt"
-    torch.save({"ema": official_state_dict(**{**TINY_OFFICIAL, "num_classes": num_classes}), "args": argparse.Namespace(lr=1e-4)}, checkpoint)
+    torch.save(
+        {
+            "ema": official_state_dict(**{**TINY_OFFICIAL, "num_classes": num_classes}),
+            "args": argparse.Namespace(lr=1e-4),
+        },
+        checkpoint,
+    )
     pipe = convert_maskdit_checkpoint(checkpoint, vae=tiny_vae(), **HEADS)
     pipe.save_pretrained(folder)
     return folder
@@ -398,7 +427,9 @@ def test_converted_pipeline_folder_loads_and_generates(converted_maskdit_folder,
     else:
         pipe = MaskDiTPipeline.from_pretrained(converted_maskdit_folder)
     assert isinstance(pipe, MaskDiTPipeline) and pipe.vae is not None
-    images = pipe(class_labels=[1, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        class_labels=[1, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 3) and ((images >= 0) & (images <= 1)).all()
 
 
@@ -427,8 +458,15 @@ def tiny_dit(norm_eps=1e-6, seed=0, out_channels=8):
     """A random diffusers DiT whose per-block embedders are copies, as in every released DiT."""
     torch.manual_seed(seed)
     dit = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=out_channels, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=norm_eps,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=out_channels,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=norm_eps,
     )
     with torch.no_grad():
         for parameter in dit.parameters():
@@ -454,15 +492,23 @@ def test_dit_per_block_embedders_must_be_copies():
     dit = tiny_dit()
     with torch.no_grad():
         dit.transformer_blocks[1].norm1.emb.timestep_embedder.linear_2.bias.add_(1.0)
-    with pytest.raises(ValueError, match=r"these differ from block 0's: \['transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"these differ from block 0's: \['transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias'\]",
+    ):
         convert_dit_transformer(dit)
 
 
 def test_dit_with_decoder_keeps_the_encoder_and_starts_a_new_decoder():
     dit = tiny_dit()
-    model = convert_dit_transformer(dit, decoder_num_layers=1, decoder_num_attention_heads=2, decoder_attention_head_dim=8)
+    model = convert_dit_transformer(
+        dit, decoder_num_layers=1, decoder_num_attention_heads=2, decoder_attention_head_dim=8
+    )
     block, source = model.transformer_blocks[1], dit.transformer_blocks[1]
-    assert torch.equal(block.attn1.to_qkv.weight, torch.cat([source.attn1.to_q.weight, source.attn1.to_k.weight, source.attn1.to_v.weight]))
+    assert torch.equal(
+        block.attn1.to_qkv.weight,
+        torch.cat([source.attn1.to_q.weight, source.attn1.to_k.weight, source.attn1.to_v.weight]),
+    )
     assert torch.equal(block.modulation.weight, source.norm1.linear.weight)
     # The paper's initialisation: decoder layer and final layer start at zero.
     assert not model.decoder_layer.proj.weight.any() and not model.final_layer.proj.weight.any()
@@ -473,8 +519,14 @@ def test_dit_with_decoder_keeps_the_encoder_and_starts_a_new_decoder():
 
 
 def run_script(name, *args):
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -483,13 +535,26 @@ def test_convert_maskdit_script_writes_a_loadable_pipeline(tmp_path):
     save_training_checkpoint(checkpoint, TrainingConfig())
     tiny_vae().save_pretrained(tmp_path / "vae")
     result = run_script(
-        "convert_maskdit_to_diffusers.py", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out"),
-        "--vae", str(tmp_path / "vae"), "--weights", "model", "--num_attention_heads", "2", "--decoder_num_attention_heads", "2",
+        "convert_maskdit_to_diffusers.py",
+        "--checkpoint",
+        str(checkpoint),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--vae",
+        str(tmp_path / "vae"),
+        "--weights",
+        "model",
+        "--num_attention_heads",
+        "2",
+        "--decoder_num_attention_heads",
+        "2",
     )
     assert result.returncode == 0, result.stderr
     pipe = MaskDiTPipeline.from_pretrained(tmp_path / "out")
     reference = convert_maskdit_state_dict(official_state_dict(seed=1, **TINY_OFFICIAL), **HEADS)
-    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(), reference.state_dict().values())
+    )
 
 
 @pytest.mark.slow
@@ -497,12 +562,19 @@ def test_convert_dit_script_writes_a_loadable_transformer(tmp_path):
     dit = tiny_dit()
     dit.save_pretrained(tmp_path / "dit" / "transformer")
     result = run_script(
-        "convert_dit_to_maskdit.py", "--pretrained_model_name_or_path", str(tmp_path / "dit"), "--output_dir", str(tmp_path / "out"),
-        "--decoder_num_layers", "0",
+        "convert_dit_to_maskdit.py",
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "dit"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--decoder_num_layers",
+        "0",
     )
     assert result.returncode == 0, result.stderr
     model = MaskedDiTTransformer2DModel.from_pretrained(tmp_path / "out")
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         expected = dit(x, timestep=torch.tensor([10, 900]), class_labels=torch.tensor([1, 2])).sample[:, :4]
-        torch.testing.assert_close(model(x, torch.tensor([10, 900]), class_labels=torch.tensor([1, 2])).sample, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(x, torch.tensor([10, 900]), class_labels=torch.tensor([1, 2])).sample, expected, atol=1e-5, rtol=1e-5
+        )

@@ -525,7 +525,10 @@ def convert_dit_transformer(
         expected.add(f"transformer_blocks.{i}.{_DIT_CLASS_TABLE}")
     _check_keys(state, expected, "the DiT")
 
-    converted = {"patch_embed.weight": state["pos_embed.proj.weight"], "patch_embed.bias": state["pos_embed.proj.bias"]}
+    converted = {
+        "patch_embed.weight": state["pos_embed.proj.weight"],
+        "patch_embed.bias": state["pos_embed.proj.bias"],
+    }
     shared = [f"{name}.{p}" for name in _DIT_EMBEDDERS for p in ("weight", "bias")] + [_DIT_CLASS_TABLE]
     differing = [
         f"transformer_blocks.{i}.{name}"
