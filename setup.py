@@ -24,6 +24,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"diffusers_masked": ["imagenet_id2label.json"]},
     python_requires=">=3.10",
     install_requires=[
         # A loose lower bound only: users bring the torch build (CPU, CUDA, ROCm) that fits their machine.

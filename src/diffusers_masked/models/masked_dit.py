@@ -146,6 +146,9 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width over block width.
         norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         frequency_embedding_size (`int`, defaults to 256): Width of the sinusoidal timestep features.
+        freq_shift (`int`, defaults to 0): Shift of the timestep features' frequency exponent, as in diffusers'
+            `Timesteps(downscale_freq_shift=...)`: 0 is DiT's and MaskDiT's own embedding; 1 is what diffusers'
+            `DiTTransformer2DModel` computes, kept by models converted from it so they compute the same function.
     """
 
     _supports_gradient_checkpointing = True
@@ -169,6 +172,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         norm_eps: float = 1e-6,
         frequency_embedding_size: int = 256,
+        freq_shift: int = 0,
     ):
         super().__init__()
         for name, value in [
@@ -195,7 +199,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         # Conditioning: one timestep embedder and one label table shared by every block.
-        self.time_proj = Timesteps(frequency_embedding_size, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_proj = Timesteps(frequency_embedding_size, flip_sin_to_cos=True, downscale_freq_shift=freq_shift)
         self.timestep_embedder = TimestepEmbedding(frequency_embedding_size, self.inner_dim)
         self.class_embedder = nn.Embedding(num_classes + 1, self.inner_dim) if num_classes > 0 else None
 

@@ -1,0 +1,61 @@
+"""Convert an official MaskDiT checkpoint (Zheng et al. 2023) into a `MaskDiTPipeline` folder.
+
+    python scripts/convert_maskdit_to_diffusers.py --checkpoint imagenet256-ckpt-best_with_guidance.pt \\
+        --vae autoencoder_kl.pth --output_dir maskdit-imagenet256
+
+The file is read without running code (see `diffusers_masked.conversion.load_checkpoint`). See docs/conversion.md.
+"""
+
+import argparse
+
+from diffusers_masked.conversion import WEIGHTS, convert_maskdit_checkpoint, load_vae
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="The official .pt file (or a .safetensors state dict).")
+    parser.add_argument("--output_dir", required=True, help="Where to save the pipeline folder.")
+    parser.add_argument(
+        "--push_to_hub", default=None, metavar="REPO_ID", help="Also upload the pipeline to this repo."
+    )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="ema",
+        help="The averaged weights the paper samples with, or the online ones.",
+    )
+    parser.add_argument(
+        "--vae",
+        required=True,
+        help="The autoencoder: the official autoencoder_kl.pth (an LDM-format file), or a diffusers folder or Hub id.",
+    )
+    parser.add_argument("--vae_subfolder", default=None, help="Folder of the VAE inside a Hub repo, e.g. 'vae'.")
+    parser.add_argument(
+        "--vae_config",
+        default=None,
+        help="For a single-file VAE: a diffusers config (folder or Hub id) describing it.",
+    )
+    parser.add_argument("--num_attention_heads", type=int, default=16, help="Encoder heads (16 for XL/2).")
+    parser.add_argument("--decoder_num_attention_heads", type=int, default=16, help="Decoder heads (16 in the paper).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    vae = load_vae(args.vae, subfolder=args.vae_subfolder, config=args.vae_config)
+    pipe = convert_maskdit_checkpoint(
+        args.checkpoint,
+        vae=vae,
+        weights=args.weights,
+        num_attention_heads=args.num_attention_heads,
+        decoder_num_attention_heads=args.decoder_num_attention_heads,
+    )
+    pipe.save_pretrained(args.output_dir)
+    print(f"saved the pipeline to {args.output_dir}")
+    if args.push_to_hub:
+        pipe.push_to_hub(args.push_to_hub)
+        print(f"pushed to {args.push_to_hub}")
+
+
+if __name__ == "__main__":
+    main()
