@@ -227,3 +227,16 @@ def test_a_folder_saved_by_version_0_1_still_loads(saved, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(images.images, torch.load(saved.parent / "expected.pt"))
+
+
+@pytest.mark.slow
+def test_a_converted_official_checkpoint_loads_by_repo_id_both_ways(hub, tmp_path):
+    from tests.test_conversion import make_converted_pipeline_folder
+
+    folder = make_converted_pipeline_folder(tmp_path / "converted")
+    pipe = MaskDiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
+    torch.save(images.images, tmp_path / "expected.pt")
+    hub.add_folder("org/maskdit-converted", folder)
+    load_both_ways(hub, tmp_path / "home", "org/maskdit-converted", tmp_path / "expected.pt")
