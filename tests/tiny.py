@@ -3,7 +3,7 @@
 import torch
 from diffusers import AutoencoderKL
 
-from diffusers_masked import MaskedDiTTransformer2DModel
+from diffusers_masked import MaskedDiTTransformer2DModel, MaskedUViTTransformer2DModel
 
 TINY_TRANSFORMER = dict(
     sample_size=8,
@@ -19,15 +19,35 @@ TINY_TRANSFORMER = dict(
 )
 
 
-def tiny_transformer(scale: float = 0.2, seed: int | None = None, **overrides) -> MaskedDiTTransformer2DModel:
-    """A tiny MaskDiT with every parameter given a random value of size `scale` (adaLN-Zero would otherwise make a
-    fresh model predict zeros everywhere). `seed` makes the values independent of torch's global generator."""
-    model = MaskedDiTTransformer2DModel(**{**TINY_TRANSFORMER, **overrides})
+TINY_UVIT = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=3,
+    num_layers=5,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_classes=10,
+)
+
+
+def _perturbed(model, scale: float, seed: int | None):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
     return model.eval()
+
+
+def tiny_transformer(scale: float = 0.2, seed: int | None = None, **overrides) -> MaskedDiTTransformer2DModel:
+    """A tiny MaskDiT with every parameter given a random value of size `scale` (adaLN-Zero would otherwise make a
+    fresh model predict zeros everywhere). `seed` makes the values independent of torch's global generator."""
+    return _perturbed(MaskedDiTTransformer2DModel(**{**TINY_TRANSFORMER, **overrides}), scale, seed)
+
+
+def tiny_uvit(scale: float = 0.2, seed: int | None = None, **overrides) -> MaskedUViTTransformer2DModel:
+    """A tiny MaskDM U-ViT (two in-blocks, a mid-block, two out-blocks) with every parameter moved by a random value of size `scale`,
+    so that zero biases and unit LayerNorm gains do not hide a wrong term."""
+    return _perturbed(MaskedUViTTransformer2DModel(**{**TINY_UVIT, **overrides}), scale, seed)
 
 
 def tiny_vae(num_blocks: int = 2, seed: int = 0) -> AutoencoderKL:

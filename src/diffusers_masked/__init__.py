@@ -25,6 +25,7 @@ _LAZY = {
         "parse_mask_schedule",
     ],
     "models.masked_dit": ["MaskedDiTTransformer2DModel", "MaskedDiTTransformer2DModelOutput"],
+    "models.masked_uvit": ["MaskedUViTTransformer2DModel", "MaskedUViTTransformer2DModelOutput"],
     "schedulers.masked_training": [
         "MaskedTrainingMixin",
         "MaskedTrainingOutput",
@@ -33,6 +34,7 @@ _LAZY = {
     ],
     "schedulers.scheduling_edm_heun": ["EDMHeunScheduler"],
     "pipelines.pipeline_maskdit": ["MaskDiTPipeline"],
+    "pipelines.pipeline_maskdm": ["MaskDMPipeline"],
 }
 
 _NAME_TO_MODULE = {name: module for module, names in _LAZY.items() for name in names}
@@ -69,7 +71,9 @@ if TYPE_CHECKING:
         unpatchify,
     )
     from .models.masked_dit import MaskedDiTTransformer2DModel, MaskedDiTTransformer2DModelOutput  # noqa: F401
+    from .models.masked_uvit import MaskedUViTTransformer2DModel, MaskedUViTTransformer2DModelOutput  # noqa: F401
     from .pipelines.pipeline_maskdit import MaskDiTPipeline  # noqa: F401
+    from .pipelines.pipeline_maskdm import MaskDMPipeline  # noqa: F401
     from .schedulers.masked_training import (  # noqa: F401
         MaskedDDPMScheduler,
         MaskedTrainingMixin,

@@ -230,6 +230,13 @@ def check_mask(mask: torch.Tensor, batch_size: int, num_tokens: int) -> int:
     return num_removed
 
 
+def visible_token_ids(mask: torch.Tensor, num_visible: int) -> torch.Tensor:
+    """The indices ``(batch, num_visible)`` of each sample's visible tokens, in grid order, for gathering them out
+    of a ``(batch, num_tokens, dim)`` sequence (and scattering results back)."""
+    # A stable sort puts the visible (False) tokens first, in grid order.
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Mask-ratio schedules
 # ----------------------------------------------------------------------------------------------------------------

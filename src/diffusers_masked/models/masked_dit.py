@@ -17,7 +17,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..masking import check_mask, unpatchify
+from ..masking import check_mask, unpatchify, visible_token_ids
 from .modeling_utils import StrictLoadingMixin
 
 # Encoder sizes of the DiT paper (Peebles & Xie 2023, table 1): num_layers, hidden size, heads.
@@ -60,13 +60,15 @@ class SelfAttention(nn.Module):
 
     One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones means fewer, larger operations (on the
     project's CPU every shape multiplies at the same rate, so the step is at parity with diffusers' DiT; see
-    docs/benchmarks.md), and official checkpoints load without splitting ``qkv``."""
+    docs/benchmarks.md), and official checkpoints load without splitting ``qkv``.
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+    ``bias=False`` drops the query-key-value bias (U-ViT's and MaskDM's layout); the output projection keeps its own."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=bias)
         self.to_out = nn.Linear(num_heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +123,53 @@ class AdaLNProjection(nn.Module):
         # x: [B, L, D], cond: [B, cond_dim]
         shift, scale = self.modulation(F.silu(cond))[:, None].chunk(2, dim=2)
         return self.proj(torch.addcmul(shift, self.norm(x), 1 + scale))
+
+
+def check_transformer_inputs(
+    hidden_states, timestep, class_labels, in_channels: int, patch_size: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a masked transformer's `forward` inputs; return the timestep as a `(batch,)` tensor and the labels
+    as `long` ids (or `None` for an unconditional model, `num_classes=0`)."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
+        raise ValueError(
+            f"hidden_states must be a (batch, channels, height, width) tensor, got "
+            f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)}"
+        )
+    batch, channels, height, width = hidden_states.shape
+    if batch == 0:
+        raise ValueError("hidden_states must hold at least one sample")
+    if channels != in_channels:
+        raise ValueError(f"hidden_states must have in_channels={in_channels} channels, got {channels}")
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"hidden_states height and width ({height}x{width}) must be divisible by patch_size={patch_size}")
+
+    timestep = torch.as_tensor(timestep, device=hidden_states.device)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(batch)
+    if timestep.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar or a ({batch},) tensor, got shape {tuple(timestep.shape)}")
+
+    if num_classes == 0:
+        if class_labels is not None:
+            raise ValueError("class_labels were given to an unconditional model (num_classes=0)")
+    else:
+        if class_labels is None:
+            raise ValueError(
+                f"class_labels are required by this class-conditional model; use id {num_classes} "
+                "for the null (unconditional) class"
+            )
+        class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
+        if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be integer ids, got dtype {class_labels.dtype}")
+        if class_labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
+        if class_labels.min() < 0 or class_labels.max() > num_classes:
+            raise ValueError(
+                f"class_labels must be in [0, {num_classes}] ({num_classes} = null class), "
+                f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
+            )
+        class_labels = class_labels.long()
+    return timestep, class_labels
 
 
 class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
@@ -317,47 +366,10 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         return cond  # [B, D]
 
     def _check_inputs(self, hidden_states, timestep, class_labels):
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
-            raise ValueError(
-                f"hidden_states must be a (batch, channels, height, width) tensor, got "
-                f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)}"
-            )
-        batch, channels, height, width = hidden_states.shape
-        if batch == 0:
-            raise ValueError("hidden_states must hold at least one sample")
-        if channels != self.config.in_channels:
-            raise ValueError(f"hidden_states must have in_channels={self.config.in_channels} channels, got {channels}")
-        patch = self.config.patch_size
-        if height % patch or width % patch:
-            raise ValueError(f"hidden_states height and width ({height}x{width}) must be divisible by patch_size={patch}")
-
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        if timestep.shape != (batch,):
-            raise ValueError(f"timestep must be a scalar or a ({batch},) tensor, got shape {tuple(timestep.shape)}")
-
-        if self.config.num_classes == 0:
-            if class_labels is not None:
-                raise ValueError("class_labels were given to an unconditional model (num_classes=0)")
-        else:
-            if class_labels is None:
-                raise ValueError(
-                    f"class_labels are required by this class-conditional model; use id {self.config.num_classes} "
-                    "for the null (unconditional) class"
-                )
-            class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
-            if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-                raise TypeError(f"class_labels must be integer ids, got dtype {class_labels.dtype}")
-            if class_labels.shape != (batch,):
-                raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
-            if class_labels.min() < 0 or class_labels.max() > self.config.num_classes:
-                raise ValueError(
-                    f"class_labels must be in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
-                    f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
-                )
-            class_labels = class_labels.long()
-        return timestep, class_labels
+        config = self.config
+        return check_transformer_inputs(
+            hidden_states, timestep, class_labels, config.in_channels, config.patch_size, config.num_classes
+        )
 
     def _positions(self, buffer: torch.Tensor, dim: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
         if buffer.shape[0] == grid_h * grid_w and grid_h == grid_w:
@@ -416,8 +428,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         x = self.patch_embed(hidden_states.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
         x = x + self._positions(self.pos_embed, self.inner_dim, grid_h, grid_w, device).to(x.dtype)
         if num_removed:
-            # A stable sort puts the visible (False) tokens first, in grid order.
-            ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]  # [B, N_vis]
+            ids_keep = visible_token_ids(mask, num_visible)  # [B, N_vis]
             x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, N_vis, D]
         x = self._run_blocks(self.transformer_blocks, x, cond)
 
