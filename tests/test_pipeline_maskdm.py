@@ -327,7 +327,8 @@ def test_save_pretrained_writes_the_shim_index_and_card(pipe32, tmp_path):
     pipe32.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_maskdm", "MaskDMPipeline"]
-    assert index["transformer"] == ["diffusers_masked.models.masked_uvit", "MaskedUViTTransformer2DModel"]
+    assert index["transformer"] == ["masked_uvit", "MaskedUViTTransformer2DModel"]
+    assert (tmp_path / "transformer" / "masked_uvit.py").exists()
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     shim = (tmp_path / "pipeline_maskdm.py").read_text()
     assert "from diffusers_masked.pipelines.pipeline_maskdm import MaskDMPipeline" in shim

@@ -14,11 +14,15 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
 from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
 from .modeling_utils import StrictLoadingMixin
+
+# ModelMixin is imported above for folders saved by diffusers-masked 0.1: they name this module as their transformer's
+# library, and diffusers looks the loadable base classes up in that module's namespace.
 
 # Encoder sizes of the DiT paper (Peebles & Xie 2023, table 1): num_layers, hidden size, heads.
 DIT_ENCODER_SIZES = {
