@@ -20,6 +20,7 @@ from tests.hub_stand_in import HubStandIn
 from tests.tiny import tiny_transformer
 
 REPO = "org/maskdit"
+CALL = "class_labels=[3, 7], num_inference_steps=3"
 PAYLOAD = "import pathlib, os\npathlib.Path(os.environ['MARKER']).write_text('ran')\n"
 
 
@@ -61,9 +62,9 @@ def run_fresh(script: str, hub: HubStandIn | None, home: Path, offline: bool = F
     return result.stdout
 
 
-def load_both_ways(hub, home, repo, expected, offline=False):
+def load_both_ways(hub, home, repo, expected, offline=False, pipeline="MaskDiTPipeline", call=CALL):
     """In a fresh process, load `repo` with diffusers' `DiffusionPipeline` and with ours; generate; compare."""
-    loaders = ["MaskDiTPipeline.from_pretrained(repo)"]
+    loaders = [f"{pipeline}.from_pretrained(repo)"]
     if not offline:
         # diffusers 0.42 asks the Hub for the commit of a custom pipeline module even offline (model_info in
         # get_cached_module_file), so only our class loads a cached repo by id offline.
@@ -71,13 +72,12 @@ def load_both_ways(hub, home, repo, expected, offline=False):
     script = f"""
         import torch
         from diffusers import DiffusionPipeline
-        from diffusers_masked import MaskDiTPipeline
+        from diffusers_masked import {pipeline}
         repo, expected = {repo!r}, torch.load({str(expected)!r})
         for pipe in ({", ".join(loaders)},):
-            assert type(pipe) is MaskDiTPipeline, type(pipe)
+            assert type(pipe) is {pipeline}, type(pipe)
             pipe.set_progress_bar_config(disable=True)
-            images = pipe(class_labels=[3, 7], num_inference_steps=3, output_type="pt",
-                          generator=torch.Generator().manual_seed(0)).images
+            images = pipe({call}, output_type="pt", generator=torch.Generator().manual_seed(0)).images
             torch.testing.assert_close(images, expected)
         print("DONE")
     """
@@ -240,3 +240,19 @@ def test_a_converted_official_checkpoint_loads_by_repo_id_both_ways(hub, tmp_pat
     torch.save(images.images, tmp_path / "expected.pt")
     hub.add_folder("org/maskdit-converted", folder)
     load_both_ways(hub, tmp_path / "home", "org/maskdit-converted", tmp_path / "expected.pt")
+
+
+@pytest.mark.slow
+def test_a_maskdm_pipeline_loads_by_repo_id_both_ways(hub, tmp_path):
+    from diffusers_masked import MaskDMPipeline
+    from tests.tiny import tiny_uvit
+
+    pipe = MaskDMPipeline(tiny_uvit(seed=0, num_classes=4), MaskDMPipeline.default_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "maskdm")
+    call = "class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=3"
+    images = pipe(class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=3, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    torch.save(images, tmp_path / "expected.pt")
+    hub.add_folder("org/maskdm", tmp_path / "maskdm")
+    load_both_ways(hub, tmp_path / "home", "org/maskdm", tmp_path / "expected.pt", pipeline="MaskDMPipeline", call=call)
