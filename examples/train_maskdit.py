@@ -23,48 +23,44 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid, numpy_to_pil
-from PIL import ImageOps
+from diffusers.utils import numpy_to_pil
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline, MaskedDiTTransformer2DModel
-from diffusers_masked.data import (
-    build_transforms,
-    collate_fn,
-    extract_latents,
-    load_digits_dataset,
-    load_image_dataset,
-    make_preprocess,
-    sample_latents,
-    verify_images,
-)
-from diffusers_masked.masking import (
-    MASK_TYPES,
-    ConstantMaskSchedule,
-    CosinePowerMaskSchedule,
-    generate_mask,
-    parse_mask_schedule,
-)
+from diffusers_masked.data import sample_latents
+from diffusers_masked.masking import MASK_TYPES, generate_mask, parse_mask_schedule
 from diffusers_masked.schedulers.masked_training import drop_class_labels
+from diffusers_masked.training_utils import (
+    UNMASK_SCHEDULES,
+    StepBatchSampler,
+    build_phases,
+    check_distributed_launch,
+    check_ranks_agree,
+    configure_cpu_threads,
+    ema_weights,
+    export_ema_model,
+    image_grid,
+    learning_rate_factor,
+    load_checkpoint,
+    load_training_data,
+    resolve_model_config,
+    resolve_resume,
+    sample_grid,
+    save_checkpoint,
+    step_generator,
+)
 
 logger = get_logger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE_FILE = "training_state.json"
-SHARDED_EMA_DIR = "ema_fsdp"
 
 # The built-in default: what a run with no data flags trains. Tuned for recognisable digits in about ten minutes on
 # two CPU cores (13 measured, docs/benchmarks.md); every value can still be overridden on the command line.
@@ -176,7 +172,7 @@ def parse_args(argv=None):
         "--unmask_schedule",
         type=str,
         default="zero",
-        choices=("zero", "cosine"),
+        choices=UNMASK_SCHEDULES,
         help="'zero': mask ratio 0; 'cosine': r = r0 cos(pi/2 i/n)^4 from the masked phase's last ratio.",
     )
     # Optimisation
@@ -267,233 +263,12 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Phases, deterministic batches and checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Phase:
-    """A stretch of training with its own batch size, learning rate and mask-ratio schedule."""
-
-    name: str
-    start: int  # first global step
-    end: int  # one past the last global step
-    batch_size: int
-    learning_rate: float
-    mask_schedule: object
-
-    def ratio(self, global_step: int) -> float:
-        return self.mask_schedule(global_step - self.start)
-
-
-def build_phases(args) -> list[Phase]:
-    phases = []
-    if args.max_train_steps:
-        phases.append(
-            Phase("masked", 0, args.max_train_steps, args.train_batch_size, args.learning_rate, args.masked_schedule)
-        )
-    if args.unmask_tuning_steps:
-        start = args.max_train_steps
-        if args.unmask_schedule == "zero":
-            schedule = ConstantMaskSchedule(0.0)
-        else:
-            last_ratio = args.masked_schedule(max(args.max_train_steps - 1, 0))
-            schedule = CosinePowerMaskSchedule(num_steps=args.unmask_tuning_steps, initial_ratio=last_ratio, power=4)
-        phases.append(
-            Phase(
-                "unmask",
-                start,
-                start + args.unmask_tuning_steps,
-                args.unmask_batch_size,
-                args.unmask_learning_rate,
-                schedule,
-            )
-        )
-    return phases
-
-
-class StepBatchSampler:
-    """Yields this process's index batches from a given micro-batch onwards.
-
-    Epoch `e` visits the examples in the order of a permutation seeded by (seed, e); micro-batch `b` of the run is
-    slice `b mod batches_per_epoch` of epoch `b div batches_per_epoch`, split between processes. The batches are a
-    function of `b` alone, which is what makes resuming exact.
-    """
-
-    def __init__(self, num_examples, batch_size, num_processes, process_index, seed, start_batch=0):
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.num_processes = num_processes
-        self.process_index = process_index
-        self.seed = seed
-        self.start_batch = start_batch
-        self.global_batch = batch_size * num_processes
-        self.batches_per_epoch = num_examples // self.global_batch
-        if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"the dataset has {num_examples} examples, fewer than one global batch "
-                f"({batch_size} per process x {num_processes} processes); lower --train_batch_size"
-            )
-
-    def _permutation(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_examples, generator=generator)
-
-    def __iter__(self):
-        batch, epoch, order = self.start_batch, None, None
-        while True:
-            this_epoch, index = divmod(batch, self.batches_per_epoch)
-            if this_epoch != epoch:
-                epoch, order = this_epoch, self._permutation(this_epoch)
-            begin = index * self.global_batch + self.process_index * self.batch_size
-            yield order[begin : begin + self.batch_size].tolist()
-            batch += 1
-
-
-def step_generator(seed: int, step: int, process_index: int, device) -> torch.Generator:
-    """The random source of one optimizer step on one process (masks, noise, label dropout)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
-    return generator
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (partial ones are never named `checkpoint-N`)."""
-    found = []
-    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and (path / TRAINING_STATE_FILE).exists():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(
-    accelerator, output_dir: Path, global_step: int, total_limit: int | None, run_config: dict, sharded_ema=None
-):
-    """Save the full training state atomically: into a temporary folder, then one rename."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-    partial = output_dir / f".partial-{CHECKPOINT_PREFIX}{global_step}"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if sharded_ema is not None:
-        save_sharded_ema(accelerator, sharded_ema, partial)
-    # Every rank writes into the folder (its random states, its shard under FSDP): rename only once all are done.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"global_step": global_step, "run": run_config}
-        (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-        logger.info(f"saved checkpoint {final}")
-    accelerator.wait_for_everyone()
-
-
-def save_sharded_ema(accelerator, ema, folder: Path):
-    """An EMA whose shadow parameters are FSDP shards: every rank writes its own with torch.distributed.checkpoint
-    (accelerate's custom-object checkpointing writes from the main process only)."""
-    import torch.distributed.checkpoint as dcp
-
-    state = ema.state_dict()
-    shadows = {f"shadow_{i}": tensor for i, tensor in enumerate(state.pop("shadow_params"))}
-    dcp.save(shadows, checkpoint_id=str(folder / SHARDED_EMA_DIR))
-    if accelerator.is_main_process:
-        (folder / SHARDED_EMA_DIR / "ema_state.json").write_text(json.dumps(state))
-
-
-def load_sharded_ema(ema, folder: Path):
-    import torch.distributed.checkpoint as dcp
-
-    if not (folder / SHARDED_EMA_DIR).is_dir():
-        raise ValueError(f"{folder} has no sharded EMA ({SHARDED_EMA_DIR}/): it was not saved by an FSDP run with EMA")
-    dcp.load({f"shadow_{i}": tensor for i, tensor in enumerate(ema.shadow_params)}, checkpoint_id=str(folder / SHARDED_EMA_DIR))
-    for key, value in json.loads((folder / SHARDED_EMA_DIR / "ema_state.json").read_text()).items():
-        setattr(ema, key, value)
-
-
-def resolve_resume(args, output_dir: Path) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not (path / TRAINING_STATE_FILE).exists():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAINING_STATE_FILE})")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data and model
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_training_data(args, accelerator):
-    """Returns (dataset with torch rows, id2label, num_channels, vae or None)."""
-    if args.builtin_digits:
-        # Train on the digits' train split only, so the held-out split gives an honest FID floor.
-        dataset, id2label = load_digits_dataset(resolution=args.resolution, split="train", seed=0, holdout_fraction=0.2)
-        num_channels = 1
-    else:
-        dataset, id2label = load_image_dataset(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_data_dir=args.train_data_dir,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            cache_dir=args.cache_dir,
-        )
-        num_channels = 3
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    if not args.builtin_digits and not args.skip_image_verification:
-        # A corrupt file should stop the run now, by name, not hours in when its batch comes up.
-        with accelerator.main_process_first():
-            verify_images(dataset)
-
-    transform = build_transforms(
-        args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels
-    )
-    vae = None
-    if args.vae:
-        if args.random_flip or args.random_crop:
-            raise ValueError("--random_flip/--random_crop cannot be used with --vae: latents are extracted once")
-        vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder).eval()
-        cache_dir = Path(args.cache_dir or Path(args.output_dir) / "latent-cache")
-        with accelerator.main_process_first():
-            dataset = extract_latents(
-                dataset, vae, transform, cache_dir, batch_size=args.latent_batch_size, device=accelerator.device
-            )
-    else:
-        dataset = dataset.with_transform(make_preprocess(transform))
-    return dataset, id2label, num_channels, vae
-
-
-def latent_collate(rows):
-    batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in ("latent_mean", "latent_std")}
-    batch["class_labels"] = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)
-    return batch
-
-
 def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> MaskedDiTTransformer2DModel:
     if args.pretrained_model_name_or_path:
         path = Path(args.pretrained_model_name_or_path)
         subfolder = "transformer" if (path / "transformer").is_dir() else None
         return MaskedDiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder)
-    spec = args.model_config
-    if os.path.isfile(spec):
-        config = json.loads(Path(spec).read_text())
-    elif spec.lstrip().startswith("{"):
-        config = json.loads(spec)
-    else:
-        config = MaskedDiTTransformer2DModel.preset_config(spec)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config = resolve_model_config(args.model_config, MaskedDiTTransformer2DModel.preset_config)
     config.setdefault("sample_size", sample_size)
     config.setdefault("in_channels", in_channels)
     config.setdefault("num_classes", num_classes)
@@ -511,36 +286,6 @@ def make_pipeline(model, scheduler, vae, id2label):
     return pipeline
 
 
-def sample_grid(pipeline, num_classes, per_class, args, seed):
-    """One row per class, `per_class` samples each, from a fixed seed."""
-    classes = list(range(min(num_classes, args.validation_classes)))
-    labels = [c for c in classes for _ in range(per_class)]
-    images = pipeline(
-        class_labels=labels,
-        guidance_scale=args.guidance_scale,
-        num_inference_steps=args.num_inference_steps,
-        generator=torch.Generator(device=pipeline.device).manual_seed(seed),
-        output_type="pil",
-    ).images
-    return image_grid(images, rows=len(classes), cols=per_class)
-
-
-def image_grid(images, rows, cols):
-    """`make_image_grid` with a 1-pixel grey border around each image (small digits otherwise run together)."""
-    images = [ImageOps.expand(im, border=1, fill=(128,) * len(im.getbands()) if len(im.getbands()) > 1 else 128) for im in images]
-    return make_image_grid(images, rows=rows, cols=cols)
-
-
-def configure_cpu_threads(requested):
-    """Use this process's share of the machine's cores (or `requested`) for torch's intra-op threads."""
-    if requested is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        requested = max(1, cores // local_processes)
-    torch.set_num_threads(requested)
-    return requested
-
-
 def main(args):
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -552,15 +297,7 @@ def main(args):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        # e.g. an FSDP config on a CPU-only machine: accelerate falls back to no distribution, and every process
-        # would train alone and overwrite the others' checkpoints.
-        raise RuntimeError(
-            f"{launched} processes were launched but accelerate set up {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}); this accelerate config does not distribute on this machine "
-            "(FSDP needs a GPU; for CPU data parallelism use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu)"
-        )
+    check_distributed_launch(accelerator)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded and args.use_ema and not accelerator.is_fsdp2:
         raise ValueError(
@@ -574,19 +311,32 @@ def main(args):
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. Data
-    dataset, id2label, num_channels, vae = load_training_data(args, accelerator)
+    data = load_training_data(
+        accelerator,
+        args.resolution,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+        max_train_samples=args.max_train_samples,
+        verify=not args.skip_image_verification,
+        random_crop=args.random_crop,
+        random_flip=args.random_flip,
+        vae=args.vae,
+        vae_subfolder=args.vae_subfolder,
+        latent_cache_dir=args.cache_dir or output_dir / "latent-cache",
+        latent_batch_size=args.latent_batch_size,
+    )
+    dataset, vae = data.dataset, data.vae
     if args.num_classes is None:
-        args.num_classes = len(id2label) if id2label else 0
+        args.num_classes = len(data.id2label) if data.id2label else 0
     if args.num_classes == 0:
         raise ValueError("the data has no labels: pass --label_column with class labels (MaskDiT is class-conditional)")
-    if vae is not None:
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        in_channels, sample_size = vae.config.latent_channels, args.resolution // vae_scale
-    else:
-        in_channels, sample_size = num_channels, args.resolution
 
     # 2. Model, scheduler (which carries the objective), EMA, optimizer
-    model = build_model(args, in_channels, sample_size, args.num_classes)
+    model = build_model(args, data.in_channels, data.sample_size, args.num_classes)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     scheduler = EDMHeunScheduler(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
@@ -609,14 +359,20 @@ def main(args):
         eps=args.adam_epsilon,
         fused=args.adam_fused or None,
     )
-    phases = build_phases(args)
+    phases = build_phases(
+        args.max_train_steps,
+        args.unmask_tuning_steps,
+        batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate,
+        mask_schedule=args.masked_schedule,
+        warmup_steps=args.lr_warmup_steps,
+        unmask_batch_size=args.unmask_batch_size,
+        unmask_learning_rate=args.unmask_learning_rate,
+        unmask_schedule=args.unmask_schedule,
+    )
 
     def lr_factor(step):
-        for phase in phases:
-            if step < phase.end:
-                warmup = min(1.0, (step + 1) / args.lr_warmup_steps) if phase.name == "masked" and args.lr_warmup_steps else 1.0
-                return phase.learning_rate * warmup / args.learning_rate
-        return phases[-1].learning_rate / args.learning_rate
+        return learning_rate_factor(phases, step, args.learning_rate)
 
     # Not passed to `prepare`: accelerate would step it once per process, and the factor is per optimizer step.
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -642,12 +398,9 @@ def main(args):
 
     # 3. Resume
     global_step = 0
-    resume_path = resolve_resume(args, output_dir)
+    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        if sharded_ema is not None:
-            load_sharded_ema(sharded_ema, resume_path)
-        global_step = json.loads((resume_path / TRAINING_STATE_FILE).read_text())["global_step"]
+        global_step = load_checkpoint(accelerator, resume_path, sharded_ema)
         # The checkpoint holds the learning rate that *its* run scheduled for this step; a run resumed with other
         # phases (say, a larger --max_train_steps) must take its own.
         for group in optimizer.param_groups:
@@ -658,13 +411,13 @@ def main(args):
 
     total_steps = phases[-1].end
     logger.info(
-        f"{len(dataset)} examples, {args.num_classes} classes, input {in_channels}x{sample_size}x{sample_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, phases "
+        f"{len(dataset)} examples, {args.num_classes} classes, input {data.in_channels}x{data.sample_size}x"
+        f"{data.sample_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, phases "
         + ", ".join(f"{p.name} [{p.start}, {p.end}) batch {p.batch_size} lr {p.learning_rate:g}" for p in phases)
     )
     progress = tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
-    grid_size = (sample_size // unwrapped.config.patch_size, sample_size // unwrapped.config.patch_size)
+    grid_size = (data.sample_size // unwrapped.config.patch_size, data.sample_size // unwrapped.config.patch_size)
     scaling_factor = vae.config.scaling_factor if vae is not None else None
 
     # 4. Train, phase by phase
@@ -680,10 +433,7 @@ def main(args):
             start_batch=(global_step - phase.start) * args.gradient_accumulation_steps,
         )
         loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=latent_collate if vae is not None else collate_fn,
-            num_workers=args.dataloader_num_workers,
+            dataset, batch_sampler=sampler, collate_fn=data.collate_fn, num_workers=args.dataloader_num_workers
         )
         batches = iter(loader)
         model.train()
@@ -759,24 +509,17 @@ def main(args):
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
             # Under FSDP every rank samples (each forward gathers the shards: collectives), the main one saves.
             if args.validation_steps and global_step % args.validation_steps == 0 and (sharded or accelerator.is_main_process):
-                log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir, sharded)
+                log_validation(args, accelerator, model, ema, scheduler, vae, data.id2label, global_step, output_dir, sharded)
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
     if not sharded:
         check_ranks_agree(accelerator, model)
-    # Under FSDP these gather the shards (collectives: every rank calls them).
-    state_dict = accelerator.get_state_dict(model)
-    if sharded_ema is not None:
-        sharded_ema.shadow_params = [shadow.full_tensor() for shadow in sharded_ema.shadow_params]
+    final_model = export_ema_model(accelerator, model, ema, MaskedDiTTransformer2DModel, sharded_ema)
     if accelerator.is_main_process:
-        final_model = MaskedDiTTransformer2DModel.from_config(accelerator.unwrap_model(model).config)
-        final_model.load_state_dict(state_dict)
-        if ema is not None:
-            ema.copy_to(final_model.parameters())
-        final_model.eval()
-        pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
+        pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, data.id2label)
         per_class = args.num_validation_images_per_class * 2
+        rows = min(args.num_classes, args.validation_classes)
         eval_results, metrics, grid = [], {}, None
         if args.builtin_digits and args.num_eval_samples_per_class:
             from diffusers_masked.evaluation import eval_results_for_model_card, evaluate_pipeline_on_digits
@@ -794,7 +537,6 @@ def main(args):
             # samples.png shows the first samples of each class that were evaluated (they come class by class).
             n_eval = args.num_eval_samples_per_class
             if per_class <= n_eval:
-                rows = min(args.num_classes, args.validation_classes)
                 chosen = torch.cat([samples[c * n_eval : c * n_eval + per_class] for c in range(rows)])
                 pixels = chosen.permute(0, 2, 3, 1).cpu().numpy()
                 grid = image_grid(numpy_to_pil(pixels), rows=rows, cols=per_class)
@@ -803,7 +545,7 @@ def main(args):
             logger.info("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
         if grid is None:
-            grid = sample_grid(pipeline, args.num_classes, per_class, args, seed=args.seed)
+            grid = sample_grid(pipeline, rows, per_class, seed=args.seed, **sampling_kwargs(args))
         grid.save(output_dir / "samples.png")
         repo_id = args.hub_model_id or output_dir.name
         card = pipeline.create_model_card(
@@ -825,17 +567,8 @@ def main(args):
     return global_step
 
 
-def check_ranks_agree(accelerator, model):
-    """Data-parallel ranks must end with identical weights; compare a checksum of every parameter."""
-    if accelerator.num_processes == 1:
-        return
-    params = [p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()]
-    flat = torch.cat(params)
-    checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum()])
-    gathered = accelerator.gather(checksum[None])
-    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
-        raise RuntimeError(f"data-parallel ranks hold different weights: checksums {gathered.tolist()}")
-    logger.info(f"all {accelerator.num_processes} ranks hold identical weights (checksum {checksum.tolist()})")
+def sampling_kwargs(args) -> dict:
+    return {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps}
 
 
 def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir, sharded=False):
@@ -844,28 +577,10 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, glob
     Unsharded, only the main process calls this. Under FSDP every rank must: each rank swaps its own EMA shards in,
     and all of them run the same sampling loop (same seed, same steps) so that their forwards' all-gathers pair up.
     """
-    unwrapped = accelerator.unwrap_model(model)
-    parameters = list(unwrapped.parameters())
-    stored = None
-    if ema is not None:
-        if sharded:
-            # EMAModel.store would move the shards to the CPU and back; a copy on the rank's device costs 1/N of the model.
-            stored = [p.detach().clone() for p in parameters]
-        else:
-            ema.store(parameters)
-        ema.copy_to(parameters)
-    unwrapped.eval()
-    try:
-        pipeline = make_pipeline(unwrapped, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
-        grid = sample_grid(pipeline, args.num_classes, args.num_validation_images_per_class, args, seed=args.seed)
-    finally:
-        if stored is not None:
-            with torch.no_grad():
-                for parameter, saved in zip(parameters, stored):
-                    parameter.copy_(saved)
-        elif ema is not None:
-            ema.restore(parameters)
-        unwrapped.train()
+    with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
+        pipeline = make_pipeline(ema_model, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
+        rows = min(args.num_classes, args.validation_classes)
+        grid = sample_grid(pipeline, rows, args.num_validation_images_per_class, seed=args.seed, **sampling_kwargs(args))
     if not accelerator.is_main_process:
         return
     (output_dir / "validation").mkdir(exist_ok=True)
