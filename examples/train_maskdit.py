@@ -44,19 +44,29 @@ from diffusers_masked.training_utils import (
     UNMASK_SCHEDULES,
     StepBatchSampler,
     build_phases,
+    check_checkpoint,
     check_distributed_launch,
+    check_lineage,
+    check_model_config,
     check_ranks_agree,
     configure_cpu_threads,
     ema_weights,
     export_ema_model,
+    finite_float,
     image_grid,
-    learning_rate_factor,
+    int_at_least,
+    learning_rate_at,
     load_checkpoint,
     load_training_data,
+    lock_output_dir,
+    new_run_id,
+    publish_pipeline,
+    raise_on_every_rank,
     resolve_model_config,
     resolve_resume,
     sample_grid,
     save_checkpoint,
+    set_learning_rate,
     step_generator,
 )
 
@@ -119,11 +129,11 @@ def parse_args(argv=None):
     parser.add_argument("--image_column", type=str, default="image")
     parser.add_argument("--label_column", type=str, default="label")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and latents are cached.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image side after resize and crop.")
+    parser.add_argument("--resolution", type=int_at_least(1), default=None, help="Image side after resize and crop.")
     parser.add_argument("--random_crop", action="store_true", help="Random instead of centre crop.")
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--num_classes", type=int, default=None, help="Defaults to the label column's class count.")
+    parser.add_argument("--max_train_samples", type=int_at_least(1), default=None)
+    parser.add_argument("--num_classes", type=int_at_least(1), default=None, help="Defaults to the label column's class count.")
     parser.add_argument(
         "--skip_image_verification",
         action="store_true",
@@ -131,7 +141,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--vae", type=str, default=None, help="AutoencoderKL path or Hub id; enables latent space.")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' inside a full pipeline repo.")
-    parser.add_argument("--latent_batch_size", type=int, default=32, help="Batch size of latent pre-extraction.")
+    parser.add_argument("--latent_batch_size", type=int_at_least(1), default=32, help="Batch size of latent pre-extraction.")
     # Model
     parser.add_argument(
         "--model_config",
@@ -148,7 +158,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--gradient_checkpointing", action="store_true")
     # Masked objective
-    parser.add_argument("--mask_ratio", type=float, default=0.5, help="Mask ratio of the masked phase.")
+    parser.add_argument("--mask_ratio", type=finite_float(0, 1, high_open=True), default=0.5, help="Mask ratio of the masked phase.")
     parser.add_argument(
         "--mask_schedule",
         type=str,
@@ -158,16 +168,16 @@ def parse_args(argv=None):
         "staged). Overrides --mask_ratio.",
     )
     parser.add_argument("--mask_type", type=str, default="random", choices=MASK_TYPES)
-    parser.add_argument("--mask_block_size", type=int, default=2, help="Block side for --mask_type block.")
-    parser.add_argument("--mae_loss_weight", type=float, default=0.1)
-    parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="Label dropout for guidance.")
-    parser.add_argument("--P_mean", type=float, default=-1.2, help="EDM training noise: ln sigma ~ N(P_mean, P_std).")
-    parser.add_argument("--P_std", type=float, default=1.2)
-    parser.add_argument("--sigma_data", type=float, default=0.5)
+    parser.add_argument("--mask_block_size", type=int_at_least(1), default=2, help="Block side for --mask_type block.")
+    parser.add_argument("--mae_loss_weight", type=finite_float(0), default=0.1)
+    parser.add_argument("--class_dropout_prob", type=finite_float(0, 1), default=0.1, help="Label dropout for guidance.")
+    parser.add_argument("--P_mean", type=finite_float(), default=-1.2, help="EDM training noise: ln sigma ~ N(P_mean, P_std).")
+    parser.add_argument("--P_std", type=finite_float(0, low_open=True), default=1.2)
+    parser.add_argument("--sigma_data", type=finite_float(0, low_open=True), default=0.5)
     # Unmasking tuning
-    parser.add_argument("--unmask_tuning_steps", type=int, default=None, help="Steps of the unmasking phase.")
-    parser.add_argument("--unmask_learning_rate", type=float, default=None, help="Defaults to --learning_rate.")
-    parser.add_argument("--unmask_batch_size", type=int, default=None, help="Defaults to --train_batch_size.")
+    parser.add_argument("--unmask_tuning_steps", type=int_at_least(0), default=None, help="Steps of the unmasking phase.")
+    parser.add_argument("--unmask_learning_rate", type=finite_float(0, low_open=True), default=None, help="Defaults to --learning_rate.")
+    parser.add_argument("--unmask_batch_size", type=int_at_least(1), default=None, help="Defaults to --train_batch_size.")
     parser.add_argument(
         "--unmask_schedule",
         type=str,
@@ -176,15 +186,15 @@ def parse_args(argv=None):
         help="'zero': mask ratio 0; 'cosine': r = r0 cos(pi/2 i/n)^4 from the masked phase's last ratio.",
     )
     # Optimisation
-    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-process batch size.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps of the masked phase.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=None)
-    parser.add_argument("--lr_warmup_steps", type=int, default=None)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--train_batch_size", type=int_at_least(1), default=None, help="Per-process batch size.")
+    parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Optimizer steps of the masked phase.")
+    parser.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
+    parser.add_argument("--learning_rate", type=finite_float(0, low_open=True), default=None)
+    parser.add_argument("--lr_warmup_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--adam_beta1", type=finite_float(0, 1, high_open=True), default=0.9)
+    parser.add_argument("--adam_beta2", type=finite_float(0, 1, high_open=True), default=0.999)
+    parser.add_argument("--adam_weight_decay", type=finite_float(0), default=0.0)
+    parser.add_argument("--adam_epsilon", type=finite_float(0, low_open=True), default=1e-8)
     parser.add_argument(
         "--adam_fused",
         action=argparse.BooleanOptionalAction,
@@ -192,18 +202,18 @@ def parse_args(argv=None):
         help="torch's fused AdamW kernel (CPU and CUDA). On CPU torch's default AdamW loops over the parameters, "
         "4.6x slower at B/2 (docs/benchmarks.md); --no-adam_fused restores it.",
     )
-    parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm.")
+    parser.add_argument("--max_grad_norm", type=finite_float(0, low_open=True), default=None, help="Clip gradients to this norm.")
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--ema_decay", type=float, default=None)
+    parser.add_argument("--ema_decay", type=finite_float(0, 1), default=None)
     parser.add_argument(
         "--ema_warmup", action=argparse.BooleanOptionalAction, default=None, help="EMAModel's decay warm-up."
     )
     parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
     parser.add_argument(
         "--cpu_threads",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="Torch threads per process when training on CPU. Default: this machine's cores / processes on it. "
         "`accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs unless it was configured for CPU, which would "
@@ -211,19 +221,19 @@ def parse_args(argv=None):
     )
     # Checkpoints, logging, validation, output
     parser.add_argument("--output_dir", type=str, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=None)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=3)
+    parser.add_argument("--checkpointing_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
     parser.add_argument("--report_to", type=str, default="tensorboard")
     parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--validation_steps", type=int, default=None)
-    parser.add_argument("--num_validation_images_per_class", type=int, default=4)
-    parser.add_argument("--validation_classes", type=int, default=10, help="How many classes the grids show.")
-    parser.add_argument("--guidance_scale", type=float, default=1.5)
-    parser.add_argument("--num_inference_steps", type=int, default=40)
+    parser.add_argument("--validation_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--num_validation_images_per_class", type=int_at_least(1), default=4)
+    parser.add_argument("--validation_classes", type=int_at_least(1), default=10, help="How many classes the grids show.")
+    parser.add_argument("--guidance_scale", type=finite_float(0), default=1.5)
+    parser.add_argument("--num_inference_steps", type=int_at_least(1), default=40)
     parser.add_argument(
         "--num_eval_samples_per_class",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="Digits only: samples per class for the final FID / accuracy evaluation (0 skips it).",
     )
@@ -241,34 +251,29 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.builtin_digits and args.vae:
         parser.error("--vae needs image data (--dataset_name or --train_data_dir); the built-in digits are pixels")
-    for name in ("max_train_steps", "unmask_tuning_steps", "lr_warmup_steps", "checkpointing_steps", "validation_steps"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.max_train_steps + args.unmask_tuning_steps == 0:
         parser.error("nothing to train: --max_train_steps and --unmask_tuning_steps are both 0")
-    if not 0 <= args.class_dropout_prob <= 1:
-        parser.error(f"--class_dropout_prob must be in [0, 1], got {args.class_dropout_prob}")
-    if args.mae_loss_weight < 0:
-        parser.error(f"--mae_loss_weight must be >= 0, got {args.mae_loss_weight}")
-    if args.cpu_threads is not None and args.cpu_threads < 1:
-        parser.error(f"--cpu_threads must be >= 1, got {args.cpu_threads}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
     try:
         args.masked_schedule = parse_mask_schedule(args.mask_schedule, default_ratio=args.mask_ratio)
     except (ValueError, TypeError) as err:
         parser.error(f"--mask_schedule / --mask_ratio: {err}")
-    args.unmask_learning_rate = args.unmask_learning_rate or args.learning_rate
-    args.unmask_batch_size = args.unmask_batch_size or args.train_batch_size
+    if args.pretrained_model_name_or_path is None:
+        try:
+            args.model_config_resolved = resolve_model_config(args.model_config, MaskedDiTTransformer2DModel)
+        except (ValueError, TypeError, KeyError) as err:
+            parser.error(f"--model_config: {err}")
+    if args.unmask_learning_rate is None:
+        args.unmask_learning_rate = args.learning_rate
+    if args.unmask_batch_size is None:
+        args.unmask_batch_size = args.train_batch_size
     return args
 
 
 def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> MaskedDiTTransformer2DModel:
     if args.pretrained_model_name_or_path:
-        path = Path(args.pretrained_model_name_or_path)
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        return MaskedDiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder)
-    config = resolve_model_config(args.model_config, MaskedDiTTransformer2DModel.preset_config)
+        path = args.pretrained_model_name_or_path
+        return MaskedDiTTransformer2DModel.from_pretrained(path, subfolder=pretrained_subfolder(path))
+    config = dict(args.model_config_resolved)
     config.setdefault("sample_size", sample_size)
     config.setdefault("in_channels", in_channels)
     config.setdefault("num_classes", num_classes)
@@ -278,6 +283,10 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> M
             f"data is {in_channels}x{sample_size}x{sample_size}"
         )
     return MaskedDiTTransformer2DModel(**config)
+
+
+def pretrained_subfolder(path: str) -> str | None:
+    return "transformer" if (Path(path) / "transformer").is_dir() else None
 
 
 def make_pipeline(model, scheduler, vae, id2label):
@@ -307,8 +316,23 @@ def main(args):
     if accelerator.device.type == "cpu":
         logger.info(f"CPU training: {configure_cpu_threads(args.cpu_threads)} torch thread(s) per process")
     set_seed(args.seed)
+    # One run per output folder; a checkpoint to resume is checked before any work (nothing in it can run code).
+    lock = lock_output_dir(accelerator, output_dir)  # noqa: F841 (held until the process ends)
+    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
+    resumed_state = check_checkpoint(resume_path, ema=args.use_ema, sharded=sharded) if resume_path else None
+    run_id = resumed_state["run_id"] if resumed_state else new_run_id()  # used by the main process only
+    lineage_error = None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        lineage_error = check_lineage(output_dir, run_id, resuming=resumed_state is not None)
+    raise_on_every_rank(accelerator, lineage_error)
+    if args.pretrained_model_name_or_path:
+        model_classes = MaskedDiTTransformer2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder=pretrained_subfolder(args.pretrained_model_name_or_path)
+        ).get("num_classes")
+    else:
+        model_classes = args.model_config_resolved.get("num_classes")
+    if args.num_classes is not None and model_classes is not None and args.num_classes != model_classes:
+        raise ValueError(f"--num_classes {args.num_classes} contradicts the model config's num_classes={model_classes}")
 
     # 1. Data
     data = load_training_data(
@@ -328,17 +352,17 @@ def main(args):
         vae_subfolder=args.vae_subfolder,
         latent_cache_dir=args.cache_dir or output_dir / "latent-cache",
         latent_batch_size=args.latent_batch_size,
+        num_classes=args.num_classes or model_classes,
     )
     dataset, vae = data.dataset, data.vae
-    if args.num_classes is None:
-        args.num_classes = len(data.id2label) if data.id2label else 0
-    if args.num_classes == 0:
-        raise ValueError("the data has no labels: pass --label_column with class labels (MaskDiT is class-conditional)")
+    args.num_classes = data.num_classes
 
     # 2. Model, scheduler (which carries the objective), EMA, optimizer
     model = build_model(args, data.in_channels, data.sample_size, args.num_classes)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if resumed_state is not None:
+        check_model_config(resumed_state["model_config"], model.config)
     scheduler = EDMHeunScheduler(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
 
     def make_ema(parameters):
@@ -370,44 +394,33 @@ def main(args):
         unmask_learning_rate=args.unmask_learning_rate,
         unmask_schedule=args.unmask_schedule,
     )
-
-    def lr_factor(step):
-        return learning_rate_factor(phases, step, args.learning_rate)
-
-    # Not passed to `prepare`: accelerate would step it once per process, and the factor is per optimizer step.
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # The learning rate is set from the phases before every step; the checkpoint needs no scheduler object.
+    for phase in phases:  # every phase's batch must fit the data now, not only once the masked phase is over
+        StepBatchSampler(len(dataset), phase.batch_size, accelerator.num_processes, accelerator.process_index, seed=0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    sharded_ema = None
     if args.use_ema and sharded:
         # Under FSDP each rank keeps the average of its own shards (the shadow parameters are sharded like the
         # model's), saved and loaded with torch.distributed.checkpoint beside accelerate's state.
-        ema = sharded_ema = make_ema(model.parameters())
+        ema = make_ema(model.parameters())
     if ema is not None:
         ema.to(accelerator.device)
-        if sharded_ema is None:
-            accelerator.register_for_checkpointing(ema)
 
+    # 3. Resume, then record the run (a run that fails to start overwrites nothing of an earlier one)
+    global_step = 0
+    if resume_path is not None:
+        global_step = load_checkpoint(accelerator, resume_path, ema, sharded)["global_step"]
+        logger.info(f"resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from; starting a new run")
     run_config = {
         k: v for k, v in vars(args).items() if k not in ("masked_schedule", "hub_token") and not k.startswith("_")
     }
     run_config["mask_schedule_resolved"] = args.masked_schedule.to_dict()
+    model_config = {k: v for k, v in accelerator.unwrap_model(model).config.items() if not k.startswith("_")}
+    training_state = {"run_id": run_id, "model_config": model_config, "run": run_config}
     if accelerator.is_main_process:
         accelerator.init_trackers("train_maskdit", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
         (output_dir / "training_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
-
-    # 3. Resume
-    global_step = 0
-    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
-    if resume_path is not None:
-        global_step = load_checkpoint(accelerator, resume_path, sharded_ema)
-        # The checkpoint holds the learning rate that *its* run scheduled for this step; a run resumed with other
-        # phases (say, a larger --max_train_steps) must take its own.
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * lr_factor(global_step)
-        logger.info(f"resumed from {resume_path} at step {global_step}")
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint to resume from; starting a new run")
 
     total_steps = phases[-1].end
     logger.info(
@@ -440,6 +453,8 @@ def main(args):
         while global_step < phase.end:
             tic = time.perf_counter()
             generator = step_generator(args.seed, global_step, accelerator.process_index, accelerator.device)
+            learning_rate = learning_rate_at(phases, global_step)
+            set_learning_rate(optimizer, learning_rate)
             mask_ratio = phase.ratio(global_step)
             logs = {"loss": 0.0, "dsm_loss": 0.0, "mae_loss": 0.0}
             for _ in range(args.gradient_accumulation_steps):
@@ -491,7 +506,6 @@ def main(args):
                 for key in logs:
                     logs[key] += getattr(out, key).detach().float().item() / args.gradient_accumulation_steps
 
-            lr_scheduler.step()
             if ema is not None:
                 ema.step(model.parameters())
             global_step += 1
@@ -499,23 +513,23 @@ def main(args):
             elapsed = time.perf_counter() - tic
             logs.update(
                 mask_ratio=mask_ratio,
-                lr=lr_scheduler.get_last_lr()[0],
+                lr=learning_rate,
                 images_per_second=phase.batch_size * args.gradient_accumulation_steps * accelerator.num_processes / elapsed,
             )
             progress.set_postfix(loss=f"{logs['loss']:.4f}", r=f"{mask_ratio:.2f}")
             accelerator.log(logs, step=global_step)
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < total_steps:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, training_state, ema, sharded)
             # Under FSDP every rank samples (each forward gathers the shards: collectives), the main one saves.
             if args.validation_steps and global_step % args.validation_steps == 0 and (sharded or accelerator.is_main_process):
                 log_validation(args, accelerator, model, ema, scheduler, vae, data.id2label, global_step, output_dir, sharded)
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
-    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
+    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, training_state, ema, sharded)
     if not sharded:
         check_ranks_agree(accelerator, model)
-    final_model = export_ema_model(accelerator, model, ema, MaskedDiTTransformer2DModel, sharded_ema)
+    final_model = export_ema_model(accelerator, model, ema, MaskedDiTTransformer2DModel, ema if sharded else None)
     if accelerator.is_main_process:
         pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, data.id2label)
         per_class = args.num_validation_images_per_class * 2
@@ -555,7 +569,7 @@ def main(args):
             dataset_name="scikit-learn digits" if args.builtin_digits else (args.dataset_name or args.train_data_dir),
             sample_image="samples.png",
         )
-        pipeline.save_pretrained(output_dir, model_card=card)
+        publish_pipeline(pipeline, output_dir, model_card=card)
         logger.info(f"saved the EMA pipeline, samples.png and the model card to {output_dir}")
         if args.push_to_hub:
             pipeline.push_to_hub(repo_id, model_card=card, token=args.hub_token)

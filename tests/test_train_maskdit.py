@@ -120,12 +120,42 @@ def test_built_in_default_applies_the_digits_recipe_and_user_flags_win():
         (["--max_train_steps", "0", "--unmask_tuning_steps", "0"], "nothing to train"),
         (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
         (["--cpu_threads", "0"], "cpu_threads"),
+        (["--learning_rate", "0"], "--learning_rate"),
+        (["--unmask_learning_rate", "-0.001"], "--unmask_learning_rate"),
+        (["--unmask_learning_rate", "0"], "--unmask_learning_rate"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--train_batch_size", "-4"], "--train_batch_size"),
+        (["--unmask_batch_size", "0"], "--unmask_batch_size"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+        (["--num_classes", "0"], "--num_classes"),
+        (["--num_inference_steps", "0"], "--num_inference_steps"),
+        (["--guidance_scale", "-1"], "--guidance_scale"),
+        (["--guidance_scale", "inf"], "--guidance_scale"),
+        (["--guidance_scale", "nan"], "--guidance_scale"),
+        (["--ema_decay", "1.5"], "--ema_decay"),
+        (["--P_std", "0"], "--P_std"),
+        (["--sigma_data", "0"], "--sigma_data"),
+        (["--mae_loss_weight", "nan"], "--mae_loss_weight"),
+        (["--max_grad_norm", "0"], "--max_grad_norm"),
+        (["--adam_beta2", "1"], "--adam_beta2"),
+        (["--num_validation_images_per_class", "0"], "--num_validation_images_per_class"),
+        (["--seed", "-1"], "--seed"),
+        (["--model_config", "/nowhere/config.json"], "no such config file"),
+        (["--model_config", '{"num_layers": 2'], "not valid JSON"),
+        (["--model_config", '{"num_layer": 2}'], "num_layer"),
     ],
 )
 def test_bad_flags_exit_with_a_message_naming_them(argv, match, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert match in capsys.readouterr().err
+
+
+def test_given_unmask_phase_flags_are_kept_and_missing_ones_take_the_masked_phase_values():
+    args = train.parse_args(["--unmask_learning_rate", "2e-4", "--unmask_batch_size", "3"])
+    assert (args.unmask_learning_rate, args.unmask_batch_size) == (2e-4, 3)
+    args = train.parse_args(["--train_data_dir", "x"])  # the digits recipe sets its own unmasking batch size
+    assert (args.unmask_learning_rate, args.unmask_batch_size) == (args.learning_rate, args.train_batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -370,3 +400,88 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     weights = _weights(out / "checkpoint-1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "model_index.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ failure behaviour
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    _launch("--output_dir", str(out), "--max_train_steps", "2", "--unmask_tuning_steps", "0", "--checkpointing_steps", "1")
+    return out
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+RESUME = ["--max_train_steps", "3", "--unmask_tuning_steps", "0", "--resume_from_checkpoint", "latest"]
+
+
+@pytest.mark.slow
+def test_a_planted_code_running_custom_checkpoint_is_refused_on_resume_without_running(finished_run, tmp_path):
+    import pickle
+
+    out = _copy(finished_run, tmp_path)
+    marker = tmp_path / "marker"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    torch.save({"state": RunsCode()}, out / "checkpoint-2" / "custom_checkpoint_0.pkl", pickle_module=pickle)
+    result = _launch("--output_dir", str(out), *RESUME, check=False)
+    assert result.returncode != 0 and "custom_checkpoint_0.pkl" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_failed_resume_leaves_the_finished_runs_config_untouched(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    before = (out / "training_config.json").read_text()
+    result = _launch("--output_dir", str(out), *RESUME[:-1], str(tmp_path / "no-such-checkpoint"), check=False)
+    assert result.returncode != 0 and "no-such-checkpoint" in result.stderr
+    assert (out / "training_config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_resuming_with_another_head_split_of_the_same_shapes_is_refused_naming_the_keys(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    four_by_eight = json.dumps({**json.loads(TINY_MODEL), "num_attention_heads": 4, "attention_head_dim": 8})
+    result = _launch("--output_dir", str(out), *RESUME, "--model_config", four_by_eight, check=False)
+    assert result.returncode != 0
+    assert "num_attention_heads" in result.stderr and "attention_head_dim" in result.stderr
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # what a live run holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = _launch("--output_dir", str(out), "--max_train_steps", "2", check=False)
+    assert result.returncode != 0 and "in use by another training run" in result.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "training_config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_new_run_into_a_folder_with_another_runs_checkpoints_is_refused(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    result = _launch("--output_dir", str(out), "--max_train_steps", "2", "--checkpoints_total_limit", "1", check=False)
+    assert result.returncode != 0 and "checkpoints of another run" in result.stderr
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_num_classes_below_the_datas_labels_is_refused_before_training(tmp_path):
+    result = _launch("--output_dir", str(tmp_path / "run"), "--num_classes", "9", "--max_train_steps", "2", check=False)
+    assert result.returncode != 0 and "num_classes is 9 but the data has labels up to 9" in result.stderr
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
