@@ -23,48 +23,54 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid, numpy_to_pil
-from PIL import ImageOps
+from diffusers.utils import numpy_to_pil
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline, MaskedDiTTransformer2DModel
-from diffusers_masked.data import (
-    build_transforms,
-    collate_fn,
-    extract_latents,
-    load_digits_dataset,
-    load_image_dataset,
-    make_preprocess,
-    sample_latents,
-    verify_images,
-)
-from diffusers_masked.masking import (
-    MASK_TYPES,
-    ConstantMaskSchedule,
-    CosinePowerMaskSchedule,
-    generate_mask,
-    parse_mask_schedule,
-)
+from diffusers_masked.data import sample_latents
+from diffusers_masked.masking import MASK_TYPES, generate_mask, parse_mask_schedule
 from diffusers_masked.schedulers.masked_training import drop_class_labels
+from diffusers_masked.training_utils import (
+    UNMASK_SCHEDULES,
+    StepBatchSampler,
+    build_phases,
+    check_checkpoint,
+    check_distributed_launch,
+    check_lineage,
+    check_model_config,
+    check_ranks_agree,
+    configure_cpu_threads,
+    ema_weights,
+    export_ema_model,
+    finite_float,
+    image_grid,
+    int_at_least,
+    learning_rate_at,
+    load_checkpoint,
+    load_training_data,
+    lock_output_dir,
+    new_run_id,
+    publish_pipeline,
+    raise_on_every_rank,
+    resolve_model_config,
+    resolve_resume,
+    sample_grid,
+    save_checkpoint,
+    set_learning_rate,
+    step_generator,
+)
 
 logger = get_logger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE_FILE = "training_state.json"
-SHARDED_EMA_DIR = "ema_fsdp"
 
 # The built-in default: what a run with no data flags trains. Tuned for recognisable digits in about ten minutes on
 # two CPU cores (13 measured, docs/benchmarks.md); every value can still be overridden on the command line.
@@ -123,11 +129,11 @@ def parse_args(argv=None):
     parser.add_argument("--image_column", type=str, default="image")
     parser.add_argument("--label_column", type=str, default="label")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and latents are cached.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image side after resize and crop.")
+    parser.add_argument("--resolution", type=int_at_least(1), default=None, help="Image side after resize and crop.")
     parser.add_argument("--random_crop", action="store_true", help="Random instead of centre crop.")
     parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--num_classes", type=int, default=None, help="Defaults to the label column's class count.")
+    parser.add_argument("--max_train_samples", type=int_at_least(1), default=None)
+    parser.add_argument("--num_classes", type=int_at_least(1), default=None, help="Defaults to the label column's class count.")
     parser.add_argument(
         "--skip_image_verification",
         action="store_true",
@@ -135,7 +141,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--vae", type=str, default=None, help="AutoencoderKL path or Hub id; enables latent space.")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' inside a full pipeline repo.")
-    parser.add_argument("--latent_batch_size", type=int, default=32, help="Batch size of latent pre-extraction.")
+    parser.add_argument("--latent_batch_size", type=int_at_least(1), default=32, help="Batch size of latent pre-extraction.")
     # Model
     parser.add_argument(
         "--model_config",
@@ -152,7 +158,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--gradient_checkpointing", action="store_true")
     # Masked objective
-    parser.add_argument("--mask_ratio", type=float, default=0.5, help="Mask ratio of the masked phase.")
+    parser.add_argument("--mask_ratio", type=finite_float(0, 1, high_open=True), default=0.5, help="Mask ratio of the masked phase.")
     parser.add_argument(
         "--mask_schedule",
         type=str,
@@ -162,33 +168,33 @@ def parse_args(argv=None):
         "staged). Overrides --mask_ratio.",
     )
     parser.add_argument("--mask_type", type=str, default="random", choices=MASK_TYPES)
-    parser.add_argument("--mask_block_size", type=int, default=2, help="Block side for --mask_type block.")
-    parser.add_argument("--mae_loss_weight", type=float, default=0.1)
-    parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="Label dropout for guidance.")
-    parser.add_argument("--P_mean", type=float, default=-1.2, help="EDM training noise: ln sigma ~ N(P_mean, P_std).")
-    parser.add_argument("--P_std", type=float, default=1.2)
-    parser.add_argument("--sigma_data", type=float, default=0.5)
+    parser.add_argument("--mask_block_size", type=int_at_least(1), default=2, help="Block side for --mask_type block.")
+    parser.add_argument("--mae_loss_weight", type=finite_float(0), default=0.1)
+    parser.add_argument("--class_dropout_prob", type=finite_float(0, 1), default=0.1, help="Label dropout for guidance.")
+    parser.add_argument("--P_mean", type=finite_float(), default=-1.2, help="EDM training noise: ln sigma ~ N(P_mean, P_std).")
+    parser.add_argument("--P_std", type=finite_float(0, low_open=True), default=1.2)
+    parser.add_argument("--sigma_data", type=finite_float(0, low_open=True), default=0.5)
     # Unmasking tuning
-    parser.add_argument("--unmask_tuning_steps", type=int, default=None, help="Steps of the unmasking phase.")
-    parser.add_argument("--unmask_learning_rate", type=float, default=None, help="Defaults to --learning_rate.")
-    parser.add_argument("--unmask_batch_size", type=int, default=None, help="Defaults to --train_batch_size.")
+    parser.add_argument("--unmask_tuning_steps", type=int_at_least(0), default=None, help="Steps of the unmasking phase.")
+    parser.add_argument("--unmask_learning_rate", type=finite_float(0, low_open=True), default=None, help="Defaults to --learning_rate.")
+    parser.add_argument("--unmask_batch_size", type=int_at_least(1), default=None, help="Defaults to --train_batch_size.")
     parser.add_argument(
         "--unmask_schedule",
         type=str,
         default="zero",
-        choices=("zero", "cosine"),
+        choices=UNMASK_SCHEDULES,
         help="'zero': mask ratio 0; 'cosine': r = r0 cos(pi/2 i/n)^4 from the masked phase's last ratio.",
     )
     # Optimisation
-    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-process batch size.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps of the masked phase.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=None)
-    parser.add_argument("--lr_warmup_steps", type=int, default=None)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--train_batch_size", type=int_at_least(1), default=None, help="Per-process batch size.")
+    parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Optimizer steps of the masked phase.")
+    parser.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
+    parser.add_argument("--learning_rate", type=finite_float(0, low_open=True), default=None)
+    parser.add_argument("--lr_warmup_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--adam_beta1", type=finite_float(0, 1, high_open=True), default=0.9)
+    parser.add_argument("--adam_beta2", type=finite_float(0, 1, high_open=True), default=0.999)
+    parser.add_argument("--adam_weight_decay", type=finite_float(0), default=0.0)
+    parser.add_argument("--adam_epsilon", type=finite_float(0, low_open=True), default=1e-8)
     parser.add_argument(
         "--adam_fused",
         action=argparse.BooleanOptionalAction,
@@ -196,18 +202,18 @@ def parse_args(argv=None):
         help="torch's fused AdamW kernel (CPU and CUDA). On CPU torch's default AdamW loops over the parameters, "
         "4.6x slower at B/2 (docs/benchmarks.md); --no-adam_fused restores it.",
     )
-    parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm.")
+    parser.add_argument("--max_grad_norm", type=finite_float(0, low_open=True), default=None, help="Clip gradients to this norm.")
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--ema_decay", type=float, default=None)
+    parser.add_argument("--ema_decay", type=finite_float(0, 1), default=None)
     parser.add_argument(
         "--ema_warmup", action=argparse.BooleanOptionalAction, default=None, help="EMAModel's decay warm-up."
     )
     parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
     parser.add_argument(
         "--cpu_threads",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="Torch threads per process when training on CPU. Default: this machine's cores / processes on it. "
         "`accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs unless it was configured for CPU, which would "
@@ -215,19 +221,19 @@ def parse_args(argv=None):
     )
     # Checkpoints, logging, validation, output
     parser.add_argument("--output_dir", type=str, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=None)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=3)
+    parser.add_argument("--checkpointing_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
     parser.add_argument("--report_to", type=str, default="tensorboard")
     parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--validation_steps", type=int, default=None)
-    parser.add_argument("--num_validation_images_per_class", type=int, default=4)
-    parser.add_argument("--validation_classes", type=int, default=10, help="How many classes the grids show.")
-    parser.add_argument("--guidance_scale", type=float, default=1.5)
-    parser.add_argument("--num_inference_steps", type=int, default=40)
+    parser.add_argument("--validation_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--num_validation_images_per_class", type=int_at_least(1), default=4)
+    parser.add_argument("--validation_classes", type=int_at_least(1), default=10, help="How many classes the grids show.")
+    parser.add_argument("--guidance_scale", type=finite_float(0), default=1.5)
+    parser.add_argument("--num_inference_steps", type=int_at_least(1), default=40)
     parser.add_argument(
         "--num_eval_samples_per_class",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="Digits only: samples per class for the final FID / accuracy evaluation (0 skips it).",
     )
@@ -245,255 +251,29 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.builtin_digits and args.vae:
         parser.error("--vae needs image data (--dataset_name or --train_data_dir); the built-in digits are pixels")
-    for name in ("max_train_steps", "unmask_tuning_steps", "lr_warmup_steps", "checkpointing_steps", "validation_steps"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.max_train_steps + args.unmask_tuning_steps == 0:
         parser.error("nothing to train: --max_train_steps and --unmask_tuning_steps are both 0")
-    if not 0 <= args.class_dropout_prob <= 1:
-        parser.error(f"--class_dropout_prob must be in [0, 1], got {args.class_dropout_prob}")
-    if args.mae_loss_weight < 0:
-        parser.error(f"--mae_loss_weight must be >= 0, got {args.mae_loss_weight}")
-    if args.cpu_threads is not None and args.cpu_threads < 1:
-        parser.error(f"--cpu_threads must be >= 1, got {args.cpu_threads}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
     try:
         args.masked_schedule = parse_mask_schedule(args.mask_schedule, default_ratio=args.mask_ratio)
     except (ValueError, TypeError) as err:
         parser.error(f"--mask_schedule / --mask_ratio: {err}")
-    args.unmask_learning_rate = args.unmask_learning_rate or args.learning_rate
-    args.unmask_batch_size = args.unmask_batch_size or args.train_batch_size
+    if args.pretrained_model_name_or_path is None:
+        try:
+            args.model_config_resolved = resolve_model_config(args.model_config, MaskedDiTTransformer2DModel)
+        except (ValueError, TypeError, KeyError) as err:
+            parser.error(f"--model_config: {err}")
+    if args.unmask_learning_rate is None:
+        args.unmask_learning_rate = args.learning_rate
+    if args.unmask_batch_size is None:
+        args.unmask_batch_size = args.train_batch_size
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Phases, deterministic batches and checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Phase:
-    """A stretch of training with its own batch size, learning rate and mask-ratio schedule."""
-
-    name: str
-    start: int  # first global step
-    end: int  # one past the last global step
-    batch_size: int
-    learning_rate: float
-    mask_schedule: object
-
-    def ratio(self, global_step: int) -> float:
-        return self.mask_schedule(global_step - self.start)
-
-
-def build_phases(args) -> list[Phase]:
-    phases = []
-    if args.max_train_steps:
-        phases.append(
-            Phase("masked", 0, args.max_train_steps, args.train_batch_size, args.learning_rate, args.masked_schedule)
-        )
-    if args.unmask_tuning_steps:
-        start = args.max_train_steps
-        if args.unmask_schedule == "zero":
-            schedule = ConstantMaskSchedule(0.0)
-        else:
-            last_ratio = args.masked_schedule(max(args.max_train_steps - 1, 0))
-            schedule = CosinePowerMaskSchedule(num_steps=args.unmask_tuning_steps, initial_ratio=last_ratio, power=4)
-        phases.append(
-            Phase(
-                "unmask",
-                start,
-                start + args.unmask_tuning_steps,
-                args.unmask_batch_size,
-                args.unmask_learning_rate,
-                schedule,
-            )
-        )
-    return phases
-
-
-class StepBatchSampler:
-    """Yields this process's index batches from a given micro-batch onwards.
-
-    Epoch `e` visits the examples in the order of a permutation seeded by (seed, e); micro-batch `b` of the run is
-    slice `b mod batches_per_epoch` of epoch `b div batches_per_epoch`, split between processes. The batches are a
-    function of `b` alone, which is what makes resuming exact.
-    """
-
-    def __init__(self, num_examples, batch_size, num_processes, process_index, seed, start_batch=0):
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.num_processes = num_processes
-        self.process_index = process_index
-        self.seed = seed
-        self.start_batch = start_batch
-        self.global_batch = batch_size * num_processes
-        self.batches_per_epoch = num_examples // self.global_batch
-        if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"the dataset has {num_examples} examples, fewer than one global batch "
-                f"({batch_size} per process x {num_processes} processes); lower --train_batch_size"
-            )
-
-    def _permutation(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_examples, generator=generator)
-
-    def __iter__(self):
-        batch, epoch, order = self.start_batch, None, None
-        while True:
-            this_epoch, index = divmod(batch, self.batches_per_epoch)
-            if this_epoch != epoch:
-                epoch, order = this_epoch, self._permutation(this_epoch)
-            begin = index * self.global_batch + self.process_index * self.batch_size
-            yield order[begin : begin + self.batch_size].tolist()
-            batch += 1
-
-
-def step_generator(seed: int, step: int, process_index: int, device) -> torch.Generator:
-    """The random source of one optimizer step on one process (masks, noise, label dropout)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
-    return generator
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (partial ones are never named `checkpoint-N`)."""
-    found = []
-    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and (path / TRAINING_STATE_FILE).exists():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(
-    accelerator, output_dir: Path, global_step: int, total_limit: int | None, run_config: dict, sharded_ema=None
-):
-    """Save the full training state atomically: into a temporary folder, then one rename."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-    partial = output_dir / f".partial-{CHECKPOINT_PREFIX}{global_step}"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if sharded_ema is not None:
-        save_sharded_ema(accelerator, sharded_ema, partial)
-    # Every rank writes into the folder (its random states, its shard under FSDP): rename only once all are done.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"global_step": global_step, "run": run_config}
-        (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-        logger.info(f"saved checkpoint {final}")
-    accelerator.wait_for_everyone()
-
-
-def save_sharded_ema(accelerator, ema, folder: Path):
-    """An EMA whose shadow parameters are FSDP shards: every rank writes its own with torch.distributed.checkpoint
-    (accelerate's custom-object checkpointing writes from the main process only)."""
-    import torch.distributed.checkpoint as dcp
-
-    state = ema.state_dict()
-    shadows = {f"shadow_{i}": tensor for i, tensor in enumerate(state.pop("shadow_params"))}
-    dcp.save(shadows, checkpoint_id=str(folder / SHARDED_EMA_DIR))
-    if accelerator.is_main_process:
-        (folder / SHARDED_EMA_DIR / "ema_state.json").write_text(json.dumps(state))
-
-
-def load_sharded_ema(ema, folder: Path):
-    import torch.distributed.checkpoint as dcp
-
-    if not (folder / SHARDED_EMA_DIR).is_dir():
-        raise ValueError(f"{folder} has no sharded EMA ({SHARDED_EMA_DIR}/): it was not saved by an FSDP run with EMA")
-    dcp.load({f"shadow_{i}": tensor for i, tensor in enumerate(ema.shadow_params)}, checkpoint_id=str(folder / SHARDED_EMA_DIR))
-    for key, value in json.loads((folder / SHARDED_EMA_DIR / "ema_state.json").read_text()).items():
-        setattr(ema, key, value)
-
-
-def resolve_resume(args, output_dir: Path) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not (path / TRAINING_STATE_FILE).exists():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAINING_STATE_FILE})")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data and model
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_training_data(args, accelerator):
-    """Returns (dataset with torch rows, id2label, num_channels, vae or None)."""
-    if args.builtin_digits:
-        # Train on the digits' train split only, so the held-out split gives an honest FID floor.
-        dataset, id2label = load_digits_dataset(resolution=args.resolution, split="train", seed=0, holdout_fraction=0.2)
-        num_channels = 1
-    else:
-        dataset, id2label = load_image_dataset(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_data_dir=args.train_data_dir,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            cache_dir=args.cache_dir,
-        )
-        num_channels = 3
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    if not args.builtin_digits and not args.skip_image_verification:
-        # A corrupt file should stop the run now, by name, not hours in when its batch comes up.
-        with accelerator.main_process_first():
-            verify_images(dataset)
-
-    transform = build_transforms(
-        args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip, num_channels=num_channels
-    )
-    vae = None
-    if args.vae:
-        if args.random_flip or args.random_crop:
-            raise ValueError("--random_flip/--random_crop cannot be used with --vae: latents are extracted once")
-        vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder).eval()
-        cache_dir = Path(args.cache_dir or Path(args.output_dir) / "latent-cache")
-        with accelerator.main_process_first():
-            dataset = extract_latents(
-                dataset, vae, transform, cache_dir, batch_size=args.latent_batch_size, device=accelerator.device
-            )
-    else:
-        dataset = dataset.with_transform(make_preprocess(transform))
-    return dataset, id2label, num_channels, vae
-
-
-def latent_collate(rows):
-    batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in ("latent_mean", "latent_std")}
-    batch["class_labels"] = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)
-    return batch
 
 
 def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> MaskedDiTTransformer2DModel:
     if args.pretrained_model_name_or_path:
-        path = Path(args.pretrained_model_name_or_path)
-        subfolder = "transformer" if (path / "transformer").is_dir() else None
-        return MaskedDiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder)
-    spec = args.model_config
-    if os.path.isfile(spec):
-        config = json.loads(Path(spec).read_text())
-    elif spec.lstrip().startswith("{"):
-        config = json.loads(spec)
-    else:
-        config = MaskedDiTTransformer2DModel.preset_config(spec)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+        path = args.pretrained_model_name_or_path
+        return MaskedDiTTransformer2DModel.from_pretrained(path, subfolder=pretrained_subfolder(path))
+    config = dict(args.model_config_resolved)
     config.setdefault("sample_size", sample_size)
     config.setdefault("in_channels", in_channels)
     config.setdefault("num_classes", num_classes)
@@ -505,40 +285,14 @@ def build_model(args, in_channels: int, sample_size: int, num_classes: int) -> M
     return MaskedDiTTransformer2DModel(**config)
 
 
+def pretrained_subfolder(path: str) -> str | None:
+    return "transformer" if (Path(path) / "transformer").is_dir() else None
+
+
 def make_pipeline(model, scheduler, vae, id2label):
     pipeline = MaskDiTPipeline(transformer=model, scheduler=scheduler, vae=vae, id2label=id2label)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def sample_grid(pipeline, num_classes, per_class, args, seed):
-    """One row per class, `per_class` samples each, from a fixed seed."""
-    classes = list(range(min(num_classes, args.validation_classes)))
-    labels = [c for c in classes for _ in range(per_class)]
-    images = pipeline(
-        class_labels=labels,
-        guidance_scale=args.guidance_scale,
-        num_inference_steps=args.num_inference_steps,
-        generator=torch.Generator(device=pipeline.device).manual_seed(seed),
-        output_type="pil",
-    ).images
-    return image_grid(images, rows=len(classes), cols=per_class)
-
-
-def image_grid(images, rows, cols):
-    """`make_image_grid` with a 1-pixel grey border around each image (small digits otherwise run together)."""
-    images = [ImageOps.expand(im, border=1, fill=(128,) * len(im.getbands()) if len(im.getbands()) > 1 else 128) for im in images]
-    return make_image_grid(images, rows=rows, cols=cols)
-
-
-def configure_cpu_threads(requested):
-    """Use this process's share of the machine's cores (or `requested`) for torch's intra-op threads."""
-    if requested is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        requested = max(1, cores // local_processes)
-    torch.set_num_threads(requested)
-    return requested
 
 
 def main(args):
@@ -552,15 +306,7 @@ def main(args):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        # e.g. an FSDP config on a CPU-only machine: accelerate falls back to no distribution, and every process
-        # would train alone and overwrite the others' checkpoints.
-        raise RuntimeError(
-            f"{launched} processes were launched but accelerate set up {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}); this accelerate config does not distribute on this machine "
-            "(FSDP needs a GPU; for CPU data parallelism use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu)"
-        )
+    check_distributed_launch(accelerator)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if sharded and args.use_ema and not accelerator.is_fsdp2:
         raise ValueError(
@@ -570,25 +316,53 @@ def main(args):
     if accelerator.device.type == "cpu":
         logger.info(f"CPU training: {configure_cpu_threads(args.cpu_threads)} torch thread(s) per process")
     set_seed(args.seed)
+    # One run per output folder; a checkpoint to resume is checked before any work (nothing in it can run code).
+    lock = lock_output_dir(accelerator, output_dir)  # noqa: F841 (held until the process ends)
+    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir)
+    resumed_state = check_checkpoint(resume_path, ema=args.use_ema, sharded=sharded) if resume_path else None
+    run_id = resumed_state["run_id"] if resumed_state else new_run_id()  # used by the main process only
+    lineage_error = None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        lineage_error = check_lineage(output_dir, run_id, resuming=resumed_state is not None)
+    raise_on_every_rank(accelerator, lineage_error)
+    if args.pretrained_model_name_or_path:
+        model_classes = MaskedDiTTransformer2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder=pretrained_subfolder(args.pretrained_model_name_or_path)
+        ).get("num_classes")
+    else:
+        model_classes = args.model_config_resolved.get("num_classes")
+    if args.num_classes is not None and model_classes is not None and args.num_classes != model_classes:
+        raise ValueError(f"--num_classes {args.num_classes} contradicts the model config's num_classes={model_classes}")
 
     # 1. Data
-    dataset, id2label, num_channels, vae = load_training_data(args, accelerator)
-    if args.num_classes is None:
-        args.num_classes = len(id2label) if id2label else 0
-    if args.num_classes == 0:
-        raise ValueError("the data has no labels: pass --label_column with class labels (MaskDiT is class-conditional)")
-    if vae is not None:
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        in_channels, sample_size = vae.config.latent_channels, args.resolution // vae_scale
-    else:
-        in_channels, sample_size = num_channels, args.resolution
+    data = load_training_data(
+        accelerator,
+        args.resolution,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+        max_train_samples=args.max_train_samples,
+        verify=not args.skip_image_verification,
+        random_crop=args.random_crop,
+        random_flip=args.random_flip,
+        vae=args.vae,
+        vae_subfolder=args.vae_subfolder,
+        latent_cache_dir=args.cache_dir or output_dir / "latent-cache",
+        latent_batch_size=args.latent_batch_size,
+        num_classes=args.num_classes or model_classes,
+    )
+    dataset, vae = data.dataset, data.vae
+    args.num_classes = data.num_classes
 
     # 2. Model, scheduler (which carries the objective), EMA, optimizer
-    model = build_model(args, in_channels, sample_size, args.num_classes)
+    model = build_model(args, data.in_channels, data.sample_size, args.num_classes)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if resumed_state is not None:
+        check_model_config(resumed_state["model_config"], model.config)
     scheduler = EDMHeunScheduler(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
 
     def make_ema(parameters):
@@ -609,62 +383,54 @@ def main(args):
         eps=args.adam_epsilon,
         fused=args.adam_fused or None,
     )
-    phases = build_phases(args)
-
-    def lr_factor(step):
-        for phase in phases:
-            if step < phase.end:
-                warmup = min(1.0, (step + 1) / args.lr_warmup_steps) if phase.name == "masked" and args.lr_warmup_steps else 1.0
-                return phase.learning_rate * warmup / args.learning_rate
-        return phases[-1].learning_rate / args.learning_rate
-
-    # Not passed to `prepare`: accelerate would step it once per process, and the factor is per optimizer step.
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    phases = build_phases(
+        args.max_train_steps,
+        args.unmask_tuning_steps,
+        batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate,
+        mask_schedule=args.masked_schedule,
+        warmup_steps=args.lr_warmup_steps,
+        unmask_batch_size=args.unmask_batch_size,
+        unmask_learning_rate=args.unmask_learning_rate,
+        unmask_schedule=args.unmask_schedule,
+    )
+    # The learning rate is set from the phases before every step; the checkpoint needs no scheduler object.
+    for phase in phases:  # every phase's batch must fit the data now, not only once the masked phase is over
+        StepBatchSampler(len(dataset), phase.batch_size, accelerator.num_processes, accelerator.process_index, seed=0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    sharded_ema = None
     if args.use_ema and sharded:
         # Under FSDP each rank keeps the average of its own shards (the shadow parameters are sharded like the
         # model's), saved and loaded with torch.distributed.checkpoint beside accelerate's state.
-        ema = sharded_ema = make_ema(model.parameters())
+        ema = make_ema(model.parameters())
     if ema is not None:
         ema.to(accelerator.device)
-        if sharded_ema is None:
-            accelerator.register_for_checkpointing(ema)
 
+    # 3. Resume, then record the run (a run that fails to start overwrites nothing of an earlier one)
+    global_step = 0
+    if resume_path is not None:
+        global_step = load_checkpoint(accelerator, resume_path, ema, sharded)["global_step"]
+        logger.info(f"resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from; starting a new run")
     run_config = {
         k: v for k, v in vars(args).items() if k not in ("masked_schedule", "hub_token") and not k.startswith("_")
     }
     run_config["mask_schedule_resolved"] = args.masked_schedule.to_dict()
+    model_config = {k: v for k, v in accelerator.unwrap_model(model).config.items() if not k.startswith("_")}
+    training_state = {"run_id": run_id, "model_config": model_config, "run": run_config}
     if accelerator.is_main_process:
         accelerator.init_trackers("train_maskdit", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))})
         (output_dir / "training_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
 
-    # 3. Resume
-    global_step = 0
-    resume_path = resolve_resume(args, output_dir)
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        if sharded_ema is not None:
-            load_sharded_ema(sharded_ema, resume_path)
-        global_step = json.loads((resume_path / TRAINING_STATE_FILE).read_text())["global_step"]
-        # The checkpoint holds the learning rate that *its* run scheduled for this step; a run resumed with other
-        # phases (say, a larger --max_train_steps) must take its own.
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * lr_factor(global_step)
-        logger.info(f"resumed from {resume_path} at step {global_step}")
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint to resume from; starting a new run")
-
     total_steps = phases[-1].end
     logger.info(
-        f"{len(dataset)} examples, {args.num_classes} classes, input {in_channels}x{sample_size}x{sample_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, phases "
+        f"{len(dataset)} examples, {args.num_classes} classes, input {data.in_channels}x{data.sample_size}x"
+        f"{data.sample_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, phases "
         + ", ".join(f"{p.name} [{p.start}, {p.end}) batch {p.batch_size} lr {p.learning_rate:g}" for p in phases)
     )
     progress = tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(model)
-    grid_size = (sample_size // unwrapped.config.patch_size, sample_size // unwrapped.config.patch_size)
+    grid_size = (data.sample_size // unwrapped.config.patch_size, data.sample_size // unwrapped.config.patch_size)
     scaling_factor = vae.config.scaling_factor if vae is not None else None
 
     # 4. Train, phase by phase
@@ -680,16 +446,15 @@ def main(args):
             start_batch=(global_step - phase.start) * args.gradient_accumulation_steps,
         )
         loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=latent_collate if vae is not None else collate_fn,
-            num_workers=args.dataloader_num_workers,
+            dataset, batch_sampler=sampler, collate_fn=data.collate_fn, num_workers=args.dataloader_num_workers
         )
         batches = iter(loader)
         model.train()
         while global_step < phase.end:
             tic = time.perf_counter()
             generator = step_generator(args.seed, global_step, accelerator.process_index, accelerator.device)
+            learning_rate = learning_rate_at(phases, global_step)
+            set_learning_rate(optimizer, learning_rate)
             mask_ratio = phase.ratio(global_step)
             logs = {"loss": 0.0, "dsm_loss": 0.0, "mae_loss": 0.0}
             for _ in range(args.gradient_accumulation_steps):
@@ -741,7 +506,6 @@ def main(args):
                 for key in logs:
                     logs[key] += getattr(out, key).detach().float().item() / args.gradient_accumulation_steps
 
-            lr_scheduler.step()
             if ema is not None:
                 ema.step(model.parameters())
             global_step += 1
@@ -749,34 +513,27 @@ def main(args):
             elapsed = time.perf_counter() - tic
             logs.update(
                 mask_ratio=mask_ratio,
-                lr=lr_scheduler.get_last_lr()[0],
+                lr=learning_rate,
                 images_per_second=phase.batch_size * args.gradient_accumulation_steps * accelerator.num_processes / elapsed,
             )
             progress.set_postfix(loss=f"{logs['loss']:.4f}", r=f"{mask_ratio:.2f}")
             accelerator.log(logs, step=global_step)
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < total_steps:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, training_state, ema, sharded)
             # Under FSDP every rank samples (each forward gathers the shards: collectives), the main one saves.
             if args.validation_steps and global_step % args.validation_steps == 0 and (sharded or accelerator.is_main_process):
-                log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir, sharded)
+                log_validation(args, accelerator, model, ema, scheduler, vae, data.id2label, global_step, output_dir, sharded)
 
     # 5. Final checkpoint, EMA pipeline, sample grid, evaluation, model card
-    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, run_config, sharded_ema)
+    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, training_state, ema, sharded)
     if not sharded:
         check_ranks_agree(accelerator, model)
-    # Under FSDP these gather the shards (collectives: every rank calls them).
-    state_dict = accelerator.get_state_dict(model)
-    if sharded_ema is not None:
-        sharded_ema.shadow_params = [shadow.full_tensor() for shadow in sharded_ema.shadow_params]
+    final_model = export_ema_model(accelerator, model, ema, MaskedDiTTransformer2DModel, ema if sharded else None)
     if accelerator.is_main_process:
-        final_model = MaskedDiTTransformer2DModel.from_config(accelerator.unwrap_model(model).config)
-        final_model.load_state_dict(state_dict)
-        if ema is not None:
-            ema.copy_to(final_model.parameters())
-        final_model.eval()
-        pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
+        pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, data.id2label)
         per_class = args.num_validation_images_per_class * 2
+        rows = min(args.num_classes, args.validation_classes)
         eval_results, metrics, grid = [], {}, None
         if args.builtin_digits and args.num_eval_samples_per_class:
             from diffusers_masked.evaluation import eval_results_for_model_card, evaluate_pipeline_on_digits
@@ -794,7 +551,6 @@ def main(args):
             # samples.png shows the first samples of each class that were evaluated (they come class by class).
             n_eval = args.num_eval_samples_per_class
             if per_class <= n_eval:
-                rows = min(args.num_classes, args.validation_classes)
                 chosen = torch.cat([samples[c * n_eval : c * n_eval + per_class] for c in range(rows)])
                 pixels = chosen.permute(0, 2, 3, 1).cpu().numpy()
                 grid = image_grid(numpy_to_pil(pixels), rows=rows, cols=per_class)
@@ -803,7 +559,7 @@ def main(args):
             logger.info("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
         if grid is None:
-            grid = sample_grid(pipeline, args.num_classes, per_class, args, seed=args.seed)
+            grid = sample_grid(pipeline, rows, per_class, seed=args.seed, **sampling_kwargs(args))
         grid.save(output_dir / "samples.png")
         repo_id = args.hub_model_id or output_dir.name
         card = pipeline.create_model_card(
@@ -813,7 +569,7 @@ def main(args):
             dataset_name="scikit-learn digits" if args.builtin_digits else (args.dataset_name or args.train_data_dir),
             sample_image="samples.png",
         )
-        pipeline.save_pretrained(output_dir, model_card=card)
+        publish_pipeline(pipeline, output_dir, model_card=card)
         logger.info(f"saved the EMA pipeline, samples.png and the model card to {output_dir}")
         if args.push_to_hub:
             pipeline.push_to_hub(repo_id, model_card=card, token=args.hub_token)
@@ -825,17 +581,8 @@ def main(args):
     return global_step
 
 
-def check_ranks_agree(accelerator, model):
-    """Data-parallel ranks must end with identical weights; compare a checksum of every parameter."""
-    if accelerator.num_processes == 1:
-        return
-    params = [p.detach().double().flatten() for p in accelerator.unwrap_model(model).parameters()]
-    flat = torch.cat(params)
-    checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum()])
-    gathered = accelerator.gather(checksum[None])
-    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
-        raise RuntimeError(f"data-parallel ranks hold different weights: checksums {gathered.tolist()}")
-    logger.info(f"all {accelerator.num_processes} ranks hold identical weights (checksum {checksum.tolist()})")
+def sampling_kwargs(args) -> dict:
+    return {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps}
 
 
 def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, global_step, output_dir, sharded=False):
@@ -844,28 +591,10 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, glob
     Unsharded, only the main process calls this. Under FSDP every rank must: each rank swaps its own EMA shards in,
     and all of them run the same sampling loop (same seed, same steps) so that their forwards' all-gathers pair up.
     """
-    unwrapped = accelerator.unwrap_model(model)
-    parameters = list(unwrapped.parameters())
-    stored = None
-    if ema is not None:
-        if sharded:
-            # EMAModel.store would move the shards to the CPU and back; a copy on the rank's device costs 1/N of the model.
-            stored = [p.detach().clone() for p in parameters]
-        else:
-            ema.store(parameters)
-        ema.copy_to(parameters)
-    unwrapped.eval()
-    try:
-        pipeline = make_pipeline(unwrapped, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
-        grid = sample_grid(pipeline, args.num_classes, args.num_validation_images_per_class, args, seed=args.seed)
-    finally:
-        if stored is not None:
-            with torch.no_grad():
-                for parameter, saved in zip(parameters, stored):
-                    parameter.copy_(saved)
-        elif ema is not None:
-            ema.restore(parameters)
-        unwrapped.train()
+    with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
+        pipeline = make_pipeline(ema_model, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
+        rows = min(args.num_classes, args.validation_classes)
+        grid = sample_grid(pipeline, rows, args.num_validation_images_per_class, seed=args.seed, **sampling_kwargs(args))
     if not accelerator.is_main_process:
         return
     (output_dir / "validation").mkdir(exist_ok=True)

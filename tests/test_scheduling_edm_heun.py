@@ -247,6 +247,13 @@ def test_bad_training_noise_distribution_raises():
         EDMHeunScheduler(P_std=0.0)
 
 
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_sigma_data_must_be_finite_and_positive(bad):
+    # EDM's c_skip, c_out and loss weight divide by sigma_data: 0 gives NaN losses.
+    with pytest.raises(ValueError, match="sigma_data"):
+        EDMHeunScheduler(sigma_data=bad)
+
+
 def test_diffusers_pipeline_loader_recognises_it_as_a_scheduler():
     # DiffusionPipeline.from_pretrained resolves each component from the module named in model_index.json and checks
     # it against the loadable base classes found in that module.

@@ -1,4 +1,6 @@
-"""examples/train_maskdit.py: unit tests of its pieces, and tiny end-to-end runs through `accelerate launch`."""
+"""examples/train_maskdit.py: its flags, and tiny end-to-end runs through `accelerate launch`.
+
+The machinery it shares with the other training scripts is tested in test_training_utils.py."""
 
 import importlib.util
 import json
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusers_masked.training_utils import SHARDED_EMA_DIR, TRAINING_STATE_FILE, list_checkpoints
 from tests.tiny import tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +49,7 @@ TINY_RUN = [
 
 
 def _load_script():
+    """The script as a module, to test its command line (`parse_args`) in this process."""
     spec = importlib.util.spec_from_file_location("train_maskdit", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
@@ -99,40 +103,6 @@ def _assert_same_weights(a, b):
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-def test_step_batch_sampler_is_a_function_of_the_batch_index():
-    full = train.StepBatchSampler(100, 8, 1, 0, seed=3)
-    stream = iter(full)
-    batches = [next(stream) for _ in range(30)]
-    resumed = iter(train.StepBatchSampler(100, 8, 1, 0, seed=3, start_batch=17))
-    assert [next(resumed) for _ in range(13)] == batches[17:]
-    # an epoch (12 batches of 8 from 100) visits distinct examples
-    first_epoch = sum(batches[:12], [])
-    assert len(set(first_epoch)) == 96
-
-
-def test_step_batch_sampler_splits_each_global_batch_between_processes():
-    ranks = [iter(train.StepBatchSampler(64, 4, 2, rank, seed=0)) for rank in range(2)]
-    single = iter(train.StepBatchSampler(64, 8, 1, 0, seed=0))
-    for _ in range(10):
-        rank0, rank1 = next(ranks[0]), next(ranks[1])
-        assert not set(rank0) & set(rank1)
-        assert rank0 + rank1 == next(single)
-
-
-def test_sampler_rejects_a_dataset_smaller_than_a_batch():
-    with pytest.raises(ValueError, match="train_batch_size"):
-        train.StepBatchSampler(10, 8, 2, 0, seed=0)
-
-
-def test_phases_and_cosine_unmasking_schedule():
-    args = train.parse_args(["--max_train_steps", "10", "--unmask_tuning_steps", "4", "--unmask_schedule", "cosine"])
-    masked, unmask = train.build_phases(args)
-    assert (masked.start, masked.end, unmask.start, unmask.end) == (0, 10, 10, 14)
-    assert masked.ratio(5) == 0.5
-    assert unmask.ratio(10) == 0.5 and unmask.ratio(14) == pytest.approx(0.0)
-    assert unmask.ratio(12) == pytest.approx(0.5 * np.cos(np.pi / 4) ** 4)
-
-
 def test_built_in_default_applies_the_digits_recipe_and_user_flags_win():
     args = train.parse_args([])
     assert args.builtin_digits and args.output_dir == "maskdit-digits" and args.resolution == 16
@@ -150,6 +120,29 @@ def test_built_in_default_applies_the_digits_recipe_and_user_flags_win():
         (["--max_train_steps", "0", "--unmask_tuning_steps", "0"], "nothing to train"),
         (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
         (["--cpu_threads", "0"], "cpu_threads"),
+        (["--learning_rate", "0"], "--learning_rate"),
+        (["--unmask_learning_rate", "-0.001"], "--unmask_learning_rate"),
+        (["--unmask_learning_rate", "0"], "--unmask_learning_rate"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--train_batch_size", "-4"], "--train_batch_size"),
+        (["--unmask_batch_size", "0"], "--unmask_batch_size"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+        (["--num_classes", "0"], "--num_classes"),
+        (["--num_inference_steps", "0"], "--num_inference_steps"),
+        (["--guidance_scale", "-1"], "--guidance_scale"),
+        (["--guidance_scale", "inf"], "--guidance_scale"),
+        (["--guidance_scale", "nan"], "--guidance_scale"),
+        (["--ema_decay", "1.5"], "--ema_decay"),
+        (["--P_std", "0"], "--P_std"),
+        (["--sigma_data", "0"], "--sigma_data"),
+        (["--mae_loss_weight", "nan"], "--mae_loss_weight"),
+        (["--max_grad_norm", "0"], "--max_grad_norm"),
+        (["--adam_beta2", "1"], "--adam_beta2"),
+        (["--num_validation_images_per_class", "0"], "--num_validation_images_per_class"),
+        (["--seed", "-1"], "--seed"),
+        (["--model_config", "/nowhere/config.json"], "no such config file"),
+        (["--model_config", '{"num_layers": 2'], "not valid JSON"),
+        (["--model_config", '{"num_layer": 2}'], "num_layer"),
     ],
 )
 def test_bad_flags_exit_with_a_message_naming_them(argv, match, capsys):
@@ -158,29 +151,11 @@ def test_bad_flags_exit_with_a_message_naming_them(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_cpu_threads_default_to_this_process_share_of_the_cores(monkeypatch):
-    # accelerate launch exports OMP_NUM_THREADS=1 for CPU runs; the script must not leave the other cores idle.
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        train.configure_cpu_threads(None)
-        assert torch.get_num_threads() == 4
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-        train.configure_cpu_threads(None)
-        assert torch.get_num_threads() == 1
-        train.configure_cpu_threads(3)
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_list_checkpoints_ignores_partial_and_unfinished_folders(tmp_path):
-    for name in ("checkpoint-2", "checkpoint-10", ".partial-checkpoint-12", "checkpoint-11"):
-        (tmp_path / name).mkdir()
-    for name in ("checkpoint-2", "checkpoint-10", ".partial-checkpoint-12"):
-        (tmp_path / name / train.TRAINING_STATE_FILE).write_text("{}")
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+def test_given_unmask_phase_flags_are_kept_and_missing_ones_take_the_masked_phase_values():
+    args = train.parse_args(["--unmask_learning_rate", "2e-4", "--unmask_batch_size", "3"])
+    assert (args.unmask_learning_rate, args.unmask_batch_size) == (2e-4, 3)
+    args = train.parse_args(["--train_data_dir", "x"])  # the digits recipe sets its own unmasking batch size
+    assert (args.unmask_learning_rate, args.unmask_batch_size) == (args.learning_rate, args.train_batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -199,7 +174,7 @@ def test_tiny_run_leaves_a_loadable_pipeline_grid_card_logs_and_limited_checkpoi
         "--report_to", "tensorboard",
         "--num_eval_samples_per_class", "2",
     )  # fmt: skip
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
     metrics = json.loads((out / "eval_results.json").read_text())
     assert metrics["num_fake"] == 20 and 0 <= metrics["accuracy"] <= 1 and metrics["num_inference_steps"] == 2
     assert not list(out.glob(".partial-*"))
@@ -217,14 +192,14 @@ def test_tiny_run_leaves_a_loadable_pipeline_grid_card_logs_and_limited_checkpoi
     pipe.set_progress_bar_config(disable=True)
     images = pipe(class_labels=[0, 9], num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    assert json.loads((out / "checkpoint-6" / train.TRAINING_STATE_FILE).read_text())["global_step"] == 6
+    assert json.loads((out / "checkpoint-6" / TRAINING_STATE_FILE).read_text())["global_step"] == 6
 
 
 @pytest.mark.slow
 def test_resume_from_latest_continues_the_step_count(tmp_path):
     out = tmp_path / "run"
     _launch("--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2")
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
     result = _launch(
         "--output_dir", str(out),
         "--max_train_steps", "5",
@@ -233,7 +208,7 @@ def test_resume_from_latest_continues_the_step_count(tmp_path):
         "--resume_from_checkpoint", "latest",
     )  # fmt: skip
     assert "at step 3" in result.stderr
-    assert [p.name for p in train.list_checkpoints(out)][-1] == "checkpoint-5"
+    assert [p.name for p in list_checkpoints(out)][-1] == "checkpoint-5"
 
 
 @pytest.mark.slow
@@ -283,7 +258,7 @@ def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_
     assert "all 2 ranks hold identical weights" in result.stderr
     assert (out / "model_index.json").exists()
     # Each rank writes its own random state into the checkpoint; the folder must be renamed only after both have.
-    for checkpoint in train.list_checkpoints(out):
+    for checkpoint in list_checkpoints(out):
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
@@ -301,7 +276,7 @@ def test_fsdp2_on_cpu_trains_exactly_like_ddp_and_an_extended_resume_matches_too
     _launch("--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "2", num_processes=2, fsdp=True)
     checkpoint = fsdp / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
-    assert {p.name for p in (checkpoint / train.SHARDED_EMA_DIR).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert {p.name for p in (checkpoint / SHARDED_EMA_DIR).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     result = _launch(
         "--output_dir", str(fsdp), *FSDP_RUN, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
@@ -421,7 +396,92 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     )  # fmt: skip
     assert result.returncode != 0
     assert "non-finite loss at step 1" in result.stderr
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     weights = _weights(out / "checkpoint-1" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "model_index.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ failure behaviour
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    _launch("--output_dir", str(out), "--max_train_steps", "2", "--unmask_tuning_steps", "0", "--checkpointing_steps", "1")
+    return out
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+RESUME = ["--max_train_steps", "3", "--unmask_tuning_steps", "0", "--resume_from_checkpoint", "latest"]
+
+
+@pytest.mark.slow
+def test_a_planted_code_running_custom_checkpoint_is_refused_on_resume_without_running(finished_run, tmp_path):
+    import pickle
+
+    out = _copy(finished_run, tmp_path)
+    marker = tmp_path / "marker"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    torch.save({"state": RunsCode()}, out / "checkpoint-2" / "custom_checkpoint_0.pkl", pickle_module=pickle)
+    result = _launch("--output_dir", str(out), *RESUME, check=False)
+    assert result.returncode != 0 and "custom_checkpoint_0.pkl" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_failed_resume_leaves_the_finished_runs_config_untouched(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    before = (out / "training_config.json").read_text()
+    result = _launch("--output_dir", str(out), *RESUME[:-1], str(tmp_path / "no-such-checkpoint"), check=False)
+    assert result.returncode != 0 and "no-such-checkpoint" in result.stderr
+    assert (out / "training_config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_resuming_with_another_head_split_of_the_same_shapes_is_refused_naming_the_keys(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    four_by_eight = json.dumps({**json.loads(TINY_MODEL), "num_attention_heads": 4, "attention_head_dim": 8})
+    result = _launch("--output_dir", str(out), *RESUME, "--model_config", four_by_eight, check=False)
+    assert result.returncode != 0
+    assert "num_attention_heads" in result.stderr and "attention_head_dim" in result.stderr
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # what a live run holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = _launch("--output_dir", str(out), "--max_train_steps", "2", check=False)
+    assert result.returncode != 0 and "in use by another training run" in result.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "training_config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_new_run_into_a_folder_with_another_runs_checkpoints_is_refused(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    result = _launch("--output_dir", str(out), "--max_train_steps", "2", "--checkpoints_total_limit", "1", check=False)
+    assert result.returncode != 0 and "checkpoints of another run" in result.stderr
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_num_classes_below_the_datas_labels_is_refused_before_training(tmp_path):
+    result = _launch("--output_dir", str(tmp_path / "run"), "--num_classes", "9", "--max_train_steps", "2", check=False)
+    assert result.returncode != 0 and "num_classes is 9 but the data has labels up to 9" in result.stderr
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

@@ -388,6 +388,15 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def latent_collate_fn(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack rows of `extract_latents`' cache into ``{"latent_mean", "latent_std": (B, C, h, w),
+    "class_labels": (B,) long}`` (labels only when the rows have them), for `sample_latents`."""
+    batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in ("latent_mean", "latent_std")}
+    if "label" in rows[0]:
+        batch["class_labels"] = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)
+    return batch
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Latent pre-extraction
 # ---------------------------------------------------------------------------------------------------------

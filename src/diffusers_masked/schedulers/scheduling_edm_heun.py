@@ -87,6 +87,11 @@ class EDMHeunScheduler(MaskedTrainingMixin, EDMEulerScheduler):
             raise ValueError(
                 f"sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}"
             )
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            # EDM's preconditioning and loss weight divide by sigma_data: 0 or less gives NaN losses.
+            raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data}")
+        if not math.isfinite(sigma_max):
+            raise ValueError(f"sigma_max must be finite, got {sigma_max}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         if not math.isfinite(P_mean):
