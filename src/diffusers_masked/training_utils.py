@@ -982,7 +982,8 @@ def check_lineage(output_dir: str | os.PathLike, run_id: str, resuming: bool) ->
     what = "this run resumes another run's checkpoint" if resuming else "this is a new run"
     return (
         f"{output_dir} holds checkpoints of another run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
-        f"and {what}: continue that run with --resume_from_checkpoint latest, or choose another --output_dir"
+        f"and {what}: continue that run with --resume_from_checkpoint latest, choose another --output_dir, or delete "
+        "the folder to start over"
     )
 
 
