@@ -341,6 +341,19 @@ def test_model_config_errors_say_what_the_spec_was_taken_for(tmp_path):
     assert resolve_model_config("S/2", Model) == Model.preset_config("S/2")
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ['{"num_attention_heads": 2, "attention_head_dim": 0}', '{"decoder_num_layers": -1}', '{"patch_size": 4, "sample_size": 10}'],
+)
+def test_a_model_config_the_model_refuses_fails_when_resolved_before_any_data(spec):
+    from diffusers_masked import MaskedDiTTransformer2DModel
+
+    with pytest.raises(ValueError, match="does not make a MaskedDiTTransformer2DModel"):
+        resolve_model_config(spec, MaskedDiTTransformer2DModel)
+    # A config without sample_size is completed from the data later; the probe must not refuse it.
+    assert resolve_model_config('{"patch_size": 4}', MaskedDiTTransformer2DModel) == {"patch_size": 4}
+
+
 def test_labels_at_or_above_num_classes_are_refused_before_training():
     import datasets
 

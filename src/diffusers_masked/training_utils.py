@@ -887,6 +887,18 @@ def resolve_model_config(spec: str, model_cls) -> dict:
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ValueError(f"{source} has keys {model_cls.__name__} does not take: {unknown}; it takes {sorted(accepted)}")
+    # Build it once on the meta device (no memory, no init work) so that an inconsistent config (heads that do not
+    # divide, a negative depth) fails here, before any data is read. The data's size fills in a missing sample_size
+    # later; for the probe any size that the patch divides will do.
+    probe = dict(config)
+    if "sample_size" not in probe:
+        patch = probe.get("patch_size", inspect.signature(model_cls.__init__).parameters["patch_size"].default)
+        probe["sample_size"] = 8 * patch if isinstance(patch, int) and patch > 0 else 8
+    try:
+        with torch.device("meta"):
+            model_cls(**probe)
+    except (ValueError, TypeError, ZeroDivisionError) as err:
+        raise ValueError(f"{source} does not make a {model_cls.__name__}: {err}") from None
     return config
 
 
