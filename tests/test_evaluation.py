@@ -13,8 +13,6 @@ import torch
 from huggingface_hub import EvalResult, ModelCardData
 from torch import nn
 
-from diffusers_masked.evaluation import digits as digits_module
-from diffusers_masked.evaluation import fid as fid_module
 from diffusers_masked.evaluation import (
     DigitsFeatureExtractor,
     classification_accuracy,
@@ -26,6 +24,8 @@ from diffusers_masked.evaluation import (
     images_to_tensor,
     resolve_inception_weights,
 )
+from diffusers_masked.evaluation import digits as digits_module
+from diffusers_masked.evaluation import fid as fid_module
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
