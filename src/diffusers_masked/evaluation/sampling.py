@@ -246,7 +246,8 @@ def sample_shard(
 
 def assemble_npz(output_dir: str | os.PathLike, num_samples: int, shard_size: int) -> Path:
     """Join the finished shards into ``samples_<N>x<H>x<W>x<C>.npz`` (``arr_0`` images, ``arr_1`` labels when
-    class-conditional), the layout ADM's evaluator and `evaluate_samples` read; returns its path."""
+    class-conditional), the layout ADM's evaluator and `evaluate_samples` read, replacing the file of an earlier
+    run with fewer samples; returns its path."""
     images, labels = [], []
     for k, expected in enumerate(shard_ranges(num_samples, shard_size)):
         with np.load(shard_path(output_dir, k), allow_pickle=False) as shard:
@@ -261,4 +262,7 @@ def assemble_npz(output_dir: str | os.PathLike, num_samples: int, shard_size: in
     path = Path(output_dir) / f"samples_{'x'.join(str(n) for n in images.shape)}.npz"
     arrays = {"arr_0": images} if len(labels) == 0 else {"arr_0": images, "arr_1": labels}
     _atomic_write(path, lambda tmp: np.savez(tmp, **arrays), ".npz")
+    for stale in Path(output_dir).glob("samples_*.npz"):
+        if stale != path:
+            stale.unlink()  # of an earlier run of this folder with fewer samples
     return path
