@@ -660,9 +660,10 @@ def evaluate_samples(
     first = next(image_batches(samples, batch_size=2))
     resolution, channels = first.shape[-1], first.shape[1]
     extractor = get_feature_extractor(feature_extractor, resolution, cache_dir, inception_weights_path, allow_download)
-    fake, logits = compute_statistics(
-        samples, extractor, return_logits=inception_score_splits is not None, **common
-    )
+    if inception_score_splits is not None:
+        fake, logits = compute_statistics(samples, extractor, return_logits=True, **common)
+    else:
+        fake, logits = compute_statistics(samples, extractor, **common), None
     if isinstance(reference, FeatureStatistics):
         real = reference
     else:
