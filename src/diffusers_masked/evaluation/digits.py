@@ -78,7 +78,7 @@ class DigitsClassifier(nn.Module):
             floats in [0, 1].
         width (`int`, defaults to 16): channels of the first stage (the second has twice as many).
         num_features (`int`, defaults to 128): width of the feature layer used for FID.
-        num_classes (`int`, defaults to 10).
+        num_classes (`int`, defaults to 10): the number of classes (logits).
     """
 
     def __init__(self, resolution: int = 16, width: int = 16, num_features: int = 128, num_classes: int = 10):
@@ -270,7 +270,8 @@ def classification_accuracy(
             them as they are.
         labels: ``(B,)`` integer class labels.
         classifier (`torch.nn.Module`): returns ``(B, num_classes)`` logits.
-        batch_size (`int`, defaults to 256), device (*optional*, defaults to the classifier's device).
+        batch_size (`int`, defaults to 256): images per classifier call.
+        device (`str` or `torch.device`, *optional*): defaults to the classifier's device.
 
     Returns:
         `float`: accuracy in [0, 1].
@@ -449,7 +450,7 @@ def evaluate_pipeline_on_digits(
 
     Args:
         pipeline: a class-conditional image pipeline with the interface above.
-        num_samples_per_class (`int`, defaults to 36).
+        num_samples_per_class (`int`, defaults to 36): samples generated for each digit.
         resolution (`int`, *optional*): resolution of the real digits; defaults to that of the samples.
         generator (`torch.Generator`, *optional*): passed to every pipeline call.
         guidance_scale (`float`, defaults to 1.5), num_inference_steps (`int`, defaults to 40): sampling settings.
