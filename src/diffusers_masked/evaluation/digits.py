@@ -453,7 +453,8 @@ def evaluate_pipeline_on_digits(
         num_samples_per_class (`int`, defaults to 36): samples generated for each digit.
         resolution (`int`, *optional*): resolution of the real digits; defaults to that of the samples.
         generator (`torch.Generator`, *optional*): passed to every pipeline call.
-        guidance_scale (`float`, defaults to 1.5), num_inference_steps (`int`, defaults to 40): sampling settings.
+        guidance_scale (`float`, defaults to 1.5): classifier-free guidance of the samples.
+        num_inference_steps (`int`, defaults to 40): sampler steps.
         batch_size (`int`, defaults to 64): samples per pipeline call (and per feature-extractor call).
         feature_extractor, seed, device, cache_dir, inception_weights_path, allow_download: see
             `evaluate_digits_samples`.

@@ -462,7 +462,8 @@ def compute_statistics(
     Args:
         images: anything `image_batches` reads (an ``.npz``, a folder, a tensor or batches of them).
         feature_extractor: see `get_feature_extractor` (``"digits"`` takes the resolution of the first batch).
-        batch_size (`int`, defaults to 250), device (*optional*, defaults to CPU): where features are computed.
+        batch_size (`int`, defaults to 250): images per feature-extractor call.
+        device (`str` or `torch.device`, *optional*, defaults to CPU): where features are computed.
         resolution, num_channels: folders only, see `image_batches`.
         return_logits (`bool`, defaults to `False`): also return the extractor's class logits ``(N, classes)``
             for `inception_score` (`None` for an extractor without `features_and_logits`).
