@@ -1,6 +1,8 @@
 """The benchmark's statistics and allocator setting (its timings are measured by running it, never asserted here)."""
 
 import importlib.util
+import json
+import os
 import random
 import statistics
 import subprocess
@@ -89,3 +91,33 @@ def test_allocator_choice_is_validated():
     assert train_step.parse_args([]).allocator == "keep"
     with pytest.raises(SystemExit):
         train_step.parse_args(["--allocator", "tcmalloc"])
+
+
+def test_sampling_nfe_runs_every_sampler_and_writes_its_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline
+    from tests.tiny import tiny_transformer
+
+    spec = importlib.util.spec_from_file_location("sampling_nfe", SCRIPT.parent / "sampling_nfe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    transformer = tiny_transformer(sample_size=16, patch_size=4, in_channels=1, num_layers=1, decoder_num_layers=0)
+    MaskDiTPipeline(transformer, EDMHeunScheduler()).save_pretrained(tmp_path / "pipeline")
+    argv = ["--pipeline_dir", str(tmp_path / "pipeline"), "--nfes", "3", "5", "--num_samples_per_class", "1"]
+    record = bench.main(argv + ["--output", str(tmp_path / "nfe.json"), "--plot", str(tmp_path / "nfe.png")])
+    assert [(r["sampler"], r["nfe"], r["num_inference_steps"]) for r in record["results"]] == [
+        ("edm_heun", 3, 2), ("edm_heun", 5, 3), ("edm_euler", 3, 3), ("edm_euler", 5, 5),
+        ("edm_dpmsolver", 3, 3), ("edm_dpmsolver", 5, 5),
+    ]  # fmt: skip
+    assert record["target"] is None  # no Heun run at 79 NFE to compare with
+    assert json.loads((tmp_path / "nfe.json").read_text())["machine"]["cores"] == os.cpu_count()
+    assert (tmp_path / "nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| EDM DPM-Solver++ (2M) |" in capsys.readouterr().out
+
+
+def test_sampling_nfe_refuses_even_nfes():
+    spec = importlib.util.spec_from_file_location("sampling_nfe", SCRIPT.parent / "sampling_nfe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(ValueError, match="--nfes"):
+        bench.parse_args(["--nfes", "4"])

@@ -1,86 +1,40 @@
-"""Sample quality: FID through torchmetrics and class-conditional accuracy, offline on the digits.
+"""The offline digits harness: a small digits classifier as FID feature space, class accuracy, and the evaluation
+of a class-conditional digits pipeline against the real digits and their held-out floor.
 
-FID compares the Gaussian statistics of features of real and generated images. The standard features are
-Inception-v3's (torch-fidelity's port of the TF weights); they need a download and mean little on 16×16
-grayscale digits. Offline, a small digits classifier (`DigitsClassifier`, trained once in seconds on the
-scikit-learn digits and cached as safetensors) provides the features instead, and also scores whether a sample
-generated for class ``c`` is recognised as ``c``.
+Inception features mean little on 16×16 grayscale digits and need a download. Offline, a small digits classifier
+(`DigitsClassifier`, trained once in seconds on the scikit-learn digits and cached as safetensors) provides the
+features instead, and also scores whether a sample generated for class ``c`` is recognised as ``c``. FID itself
+is `diffusers_masked.evaluation.fid`'s.
 
 All images handed to this module are float tensors ``(B, C, H, W)`` with values in [0, 1] and ``C`` 1 (gray)
 or 3 (RGB), i.e. what a pipeline returns with ``output_type="pt"``; `images_to_tensor` converts numpy or PIL
-outputs. Each feature extractor converts to what it needs (gray at its own resolution for the digits
-classifier, RGB uint8 at 299×299 for Inception).
+outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fid
+from .fid import _check_images, _fids_against, images_to_tensor
+
 logger = logging.getLogger(__name__)
 
-# Where the digits classifier is cached when no cache_dir is given; DIFFUSERS_MASKED_CACHE overrides it.
-DEFAULT_CACHE_DIR = Path(os.environ.get("DIFFUSERS_MASKED_CACHE", "~/.cache/diffusers_masked"))
 # Share of the digits kept out of the classifier's training data; the same split gives the FID floor.
 DIGITS_HOLDOUT_FRACTION = 0.2
 # Part of the cache file name: bump when the classifier's architecture or training recipe changes.
 _CLASSIFIER_VERSION = 1
-
-INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILENAME}"
-)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Image handling
-# ---------------------------------------------------------------------------------------------------------
-
-
-def images_to_tensor(images: torch.Tensor | np.ndarray | Iterable[PIL.Image.Image]) -> torch.Tensor:
-    """Pipeline outputs → float32 ``(B, C, H, W)`` tensor in [0, 1], on the CPU.
-
-    Accepts a ``(B, C, H, W)`` tensor (``output_type="pt"``), a ``(B, H, W, C)`` array (``output_type="np"``,
-    values in [0, 1]) or a list of PIL images (``output_type="pil"``, mode ``"L"`` or ``"RGB"``).
-    """
-    if isinstance(images, torch.Tensor):
-        return images.detach().float().cpu()
-    if isinstance(images, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
-    arrays = []
-    for image in images:
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        arrays.append(array[..., None] if array.ndim == 2 else array)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
-    """Validate a ``(B, C, H, W)`` batch and return it as float32 in [0, 1] (uint8 is rescaled)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name} must be a (batch, 1 or 3, height, width) tensor, got {shape}")
-    if images.dtype == torch.uint8:
-        return images.float() / 255.0
-    images = images.float()
-    low, high = float(images.min()), float(images.max())
-    if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(
-            f"{name} must have values in [0, 1] (got [{low:.3f}, {high:.3f}]); map [-1, 1] images with (x + 1) / 2"
-        )
-    return images.clamp(0, 1)
 
 
 def _to_gray(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -124,7 +78,7 @@ class DigitsClassifier(nn.Module):
             floats in [0, 1].
         width (`int`, defaults to 16): channels of the first stage (the second has twice as many).
         num_features (`int`, defaults to 128): width of the feature layer used for FID.
-        num_classes (`int`, defaults to 10).
+        num_classes (`int`, defaults to 10): the number of classes (logits).
     """
 
     def __init__(self, resolution: int = 16, width: int = 16, num_features: int = 128, num_classes: int = 10):
@@ -175,10 +129,16 @@ class DigitsFeatureExtractor(nn.Module):
         with _one_cpu_thread(images.device):
             return self.classifier.features(_to_gray(images.float(), self.classifier.resolution))
 
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and the classifier's ``(B, num_classes)`` logits (for a digits Inception Score)."""
+        features = self(images)
+        return features, self.classifier.head(F.relu(features))
+
 
 def _digits_tensors(resolution: int, split: str, seed: int, holdout_fraction: float = DIGITS_HOLDOUT_FRACTION):
     """The digits of one split as ``(images (N, 1, R, R) float in [0, 1], labels (N,) long)``."""
-    from .data import load_digits_arrays
+    from ..data import load_digits_arrays
 
     images, labels = load_digits_arrays(resolution, seed=seed, holdout_fraction=holdout_fraction)[split]
     return torch.from_numpy(images).float().div(255.0)[:, None], torch.from_numpy(labels)
@@ -278,7 +238,7 @@ def get_digits_classifier(resolution: int = 16, cache_dir: str | os.PathLike | N
     Returns:
         `DigitsClassifier`: in eval mode, gradients off, with ``heldout_accuracy`` (`float`) set.
     """
-    cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    cache_dir = Path(cache_dir if cache_dir is not None else fid.DEFAULT_CACHE_DIR).expanduser()
     path = cache_dir / f"digits-classifier-v{_CLASSIFIER_VERSION}-r{resolution}-s{seed}.safetensors"
     loaded = _load_digits_classifier(path, resolution, seed) if path.is_file() else None
     if loaded is not None:
@@ -310,7 +270,8 @@ def classification_accuracy(
             them as they are.
         labels: ``(B,)`` integer class labels.
         classifier (`torch.nn.Module`): returns ``(B, num_classes)`` logits.
-        batch_size (`int`, defaults to 256), device (*optional*, defaults to the classifier's device).
+        batch_size (`int`, defaults to 256): images per classifier call.
+        device (`str` or `torch.device`, *optional*): defaults to the classifier's device.
 
     Returns:
         `float`: accuracy in [0, 1].
@@ -334,146 +295,6 @@ def classification_accuracy(
             correct += int((classifier(chunk).argmax(dim=-1).cpu() == chunk_labels).sum())
     classifier.train(was_training)
     return correct / len(labels)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# FID
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _torch_fidelity_available() -> bool:
-    return importlib.util.find_spec("torch_fidelity") is not None
-
-
-def resolve_inception_weights(
-    inception_weights_path: str | os.PathLike | None = None, allow_download: bool = False
-) -> str | None:
-    """Where the FID Inception-v3 weights are, without touching the network.
-
-    Returns the local file to load: ``inception_weights_path`` if given, else torch-fidelity's file in the
-    torch hub cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``) if present, else
-    `None` when ``allow_download`` (torch-fidelity then downloads it into that cache).
-
-    Raises:
-        ImportError: torch-fidelity (which holds the Inception network) is not installed.
-        FileNotFoundError: the weights are not available locally and ``allow_download`` is `False`; the message
-            says where to put them.
-    """
-    if not _torch_fidelity_available():
-        raise ImportError(
-            'feature_extractor="inception" needs torch-fidelity: `pip install torch-fidelity` (or '
-            '`pip install "torchmetrics[image]"`). Offline, use feature_extractor="digits".'
-        )
-    if inception_weights_path is not None:
-        if not Path(inception_weights_path).is_file():
-            raise FileNotFoundError(f"inception_weights_path {str(inception_weights_path)!r} is not a file")
-        return str(inception_weights_path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
-    if cached.is_file():
-        return str(cached)
-    if allow_download:
-        return None
-    raise FileNotFoundError(
-        f"The FID Inception-v3 weights are not available offline: {cached} does not exist. Either download "
-        f"{INCEPTION_WEIGHTS_URL} to that path (or anywhere, and pass inception_weights_path=...), or pass "
-        'allow_download=True to let torch-fidelity fetch it. Offline, use feature_extractor="digits".'
-    )
-
-
-def _fid_metric(feature_extractor, images: torch.Tensor, cache_dir, inception_weights_path, allow_download):
-    """A torchmetrics FID metric keeping its real statistics across `reset`, and the image preparation it needs."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if isinstance(feature_extractor, str) and feature_extractor == "digits":
-        classifier = get_digits_classifier(resolution=images.shape[-1], cache_dir=cache_dir)
-        feature_extractor = DigitsFeatureExtractor(classifier)
-    if isinstance(feature_extractor, nn.Module):
-        metric = FrechetInceptionDistance(
-            feature=feature_extractor,
-            normalize=True,
-            reset_real_features=False,
-            input_img_size=tuple(images.shape[1:]),
-        )
-        return metric, lambda x: x
-    if isinstance(feature_extractor, str) and feature_extractor == "inception":
-        weights = resolve_inception_weights(inception_weights_path, allow_download)
-        metric = FrechetInceptionDistance(
-            feature=2048, normalize=True, reset_real_features=False, feature_extractor_weights_path=weights
-        )
-        return metric, lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    raise ValueError(f'feature_extractor must be "digits", "inception" or an nn.Module, got {feature_extractor!r}')
-
-
-def _fids_against(
-    real_images: torch.Tensor,
-    candidates: Sequence[torch.Tensor],
-    feature_extractor="digits",
-    batch_size: int = 256,
-    device=None,
-    cache_dir=None,
-    inception_weights_path=None,
-    allow_download: bool = False,
-) -> list[float]:
-    """FID of each candidate set against one real set, extracting the real features once."""
-    real_images = _check_images(real_images, "real_images")
-    candidates = [_check_images(c, f"candidate set {i}") for i, c in enumerate(candidates)]
-    metric, prepare = _fid_metric(feature_extractor, real_images, cache_dir, inception_weights_path, allow_download)
-    metric = metric.to(device if device is not None else "cpu")
-    tiny = isinstance(metric.inception, DigitsFeatureExtractor)
-    fids = []
-    with _one_cpu_thread(metric.device) if tiny else contextlib.nullcontext():
-        for chunk in real_images.split(batch_size):
-            metric.update(prepare(chunk.to(metric.device)), real=True)
-        for images in candidates:
-            metric.reset()
-            for chunk in images.split(batch_size):
-                metric.update(prepare(chunk.to(metric.device)), real=False)
-            fids.append(float(metric.compute()))
-    return fids
-
-
-def compute_fid(
-    real_images: torch.Tensor,
-    fake_images: torch.Tensor,
-    feature_extractor: str | nn.Module = "digits",
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    inception_weights_path: str | os.PathLike | None = None,
-    allow_download: bool = False,
-) -> float:
-    """Fréchet distance between the features of two image sets, through torchmetrics' `FrechetInceptionDistance`.
-
-    Args:
-        real_images, fake_images (`torch.Tensor`): float ``(B, 1|3, H, W)`` in [0, 1] (uint8 in 0..255 is also
-            accepted). At least 2 images each; FID is biased upwards for small sets, so compare numbers computed
-            with the same set sizes.
-        feature_extractor (defaults to ``"digits"``):
-            - ``"digits"``: the 128-d feature layer of `get_digits_classifier` (seed 0) at the real images'
-              resolution, trained and cached on first use, offline. Images become gray.
-            - ``"inception"``: the standard 2048-d Inception-v3 pool features (torch-fidelity's port of the TF
-              weights, images upsampled to 299×299, gray repeated to RGB). Needs torch-fidelity and the weights:
-              see `resolve_inception_weights`.
-            - an `nn.Module` mapping the float images as given to ``(B, d)`` features (a ``num_features``
-              attribute saves torchmetrics a dummy forward).
-        batch_size (`int`, defaults to 256): images per feature-extractor call.
-        device (*optional*, defaults to CPU): where features are computed.
-        cache_dir (*optional*): cache of the digits classifier (see `get_digits_classifier`).
-        inception_weights_path, allow_download: see `resolve_inception_weights`.
-
-    Returns:
-        `float`: the FID (0 for identical sets, larger is worse).
-    """
-    return _fids_against(
-        real_images,
-        [fake_images],
-        feature_extractor=feature_extractor,
-        batch_size=batch_size,
-        device=device,
-        cache_dir=cache_dir,
-        inception_weights_path=inception_weights_path,
-        allow_download=allow_download,
-    )[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -629,10 +450,11 @@ def evaluate_pipeline_on_digits(
 
     Args:
         pipeline: a class-conditional image pipeline with the interface above.
-        num_samples_per_class (`int`, defaults to 36).
+        num_samples_per_class (`int`, defaults to 36): samples generated for each digit.
         resolution (`int`, *optional*): resolution of the real digits; defaults to that of the samples.
         generator (`torch.Generator`, *optional*): passed to every pipeline call.
-        guidance_scale (`float`, defaults to 1.5), num_inference_steps (`int`, defaults to 40): sampling settings.
+        guidance_scale (`float`, defaults to 1.5): classifier-free guidance of the samples.
+        num_inference_steps (`int`, defaults to 40): sampler steps.
         batch_size (`int`, defaults to 64): samples per pipeline call (and per feature-extractor call).
         feature_extractor, seed, device, cache_dir, inception_weights_path, allow_download: see
             `evaluate_digits_samples`.

@@ -1,0 +1,191 @@
+"""Draw many samples from a saved MaskDiT or MaskDM pipeline, across processes, for FID and other evaluations.
+
+    accelerate launch examples/sample.py --pipeline PATH_OR_ID --num_samples 50000 --output_dir samples/
+    accelerate launch --num_processes 8 examples/sample.py --pipeline org/maskdit-xl2-256 --num_samples 50000 \
+        --guidance_scale 1.5 --num_inference_steps 40 --batch_size 125 --output_dir samples/maskdit-cfg1.5
+    python examples/evaluate_fid.py --samples samples/maskdit-cfg1.5/samples_50000x256x256x3.npz \
+        --reference VIRTUAL_imagenet256_labeled.npz --inception_weights weights-inception-2015-12-05-6726825d.pth
+
+Every sample has its own seed (``seed * 2**32 + index``) and, for class-conditional pipelines, the label
+``index % num_classes`` (class-balanced; or ``--class_labels`` cycled), so the samples do not depend on the number
+of processes. Finished shards of ``--shard_size`` samples are kept: run the same command again after a kill and it
+goes on where it stopped. The result is ``samples_<N>x<H>x<W>x<C>.npz`` in ADM's reference-batch layout (``arr_0``
+uint8 images, ``arr_1`` labels) and/or one PNG per sample under ``images/``. See docs/sampling-and-evaluation.md.
+"""
+
+import argparse
+import inspect
+import json
+import logging
+import math
+
+from diffusers_masked.evaluation import sampling
+
+logger = logging.getLogger("sample")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pipeline", required=True, help="A saved pipeline folder or a Hub repo id.")
+    parser.add_argument("--output_dir", required=True, help="Where shards, images and the final .npz go.")
+    parser.add_argument("--num_samples", type=int, default=50_000)
+    parser.add_argument("--batch_size", type=int, default=64, help="Samples per pipeline call, per process.")
+    parser.add_argument(
+        "--shard_size",
+        type=int,
+        default=1000,
+        help="Samples per shard: the unit that processes share and that a resumed run keeps.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Sample i is seeded with seed * 2**32 + i.")
+    parser.add_argument(
+        "--class_labels",
+        default=None,
+        help="Comma-separated class ids, cycled over the samples (default: every class in turn, class-balanced).",
+    )
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--eta", type=float, default=None, help="MaskDMPipeline only: DDIM's noise weight in [0, 1].")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(sampling.SCHEDULERS),
+        default=None,
+        help="Swap the saved scheduler (EDM ones for MaskDiT, DDPM-family ones for MaskDM); default: the saved one.",
+    )
+    parser.add_argument("--output_format", choices=sampling.OUTPUT_FORMATS, default="npz")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="Load a pipeline that is not one of ours (runs the repo's code; only for repos you trust), or skip the "
+        "check of our own shims.",
+    )
+    return parser.parse_args(argv)
+
+
+def validate_args(args) -> None:
+    """Check the flags that need no pipeline, before anything is loaded."""
+    for flag in ("num_samples", "batch_size", "shard_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be an integer >= 1, got {getattr(args, flag)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
+    if args.num_samples > 2**32:
+        raise ValueError(f"--num_samples must be at most 2**32 (per-sample seeds), got {args.num_samples}")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise ValueError(f"--guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        raise ValueError(f"--num_inference_steps must be an integer >= 1, got {args.num_inference_steps}")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta must be a number in [0, 1], got {args.eta}")
+    if args.class_labels is not None:
+        try:
+            args.class_labels = [int(x) for x in args.class_labels.split(",")]
+        except ValueError:
+            raise ValueError(f"--class_labels must be comma-separated integer ids, got {args.class_labels!r}") from None
+
+
+def validate_for_pipeline(args, pipeline) -> dict:
+    """Check the flags that depend on the pipeline; return the keyword arguments of its calls."""
+    from diffusers_masked import MaskDiTPipeline, MaskDMPipeline
+
+    num_classes = sampling.pipeline_num_classes(pipeline)
+    if args.class_labels is not None:
+        if num_classes == 0:
+            raise ValueError("--class_labels was given but the pipeline is unconditional (num_classes=0)")
+        wrong = [label for label in args.class_labels if not 0 <= label < num_classes]
+        if wrong:
+            raise ValueError(f"--class_labels must be ids in [0, {num_classes}), got {wrong}")
+    if num_classes == 0 and args.guidance_scale not in (None, 1.0):
+        raise ValueError("--guidance_scale applies to class-conditional pipelines only; this one is unconditional")
+    families = {MaskDiTPipeline: ("edm_heun", "edm_euler", "edm_dpmsolver"), MaskDMPipeline: ("ddim", "ddpm", "dpmsolver")}
+    for cls, allowed in families.items():
+        if isinstance(pipeline, cls) and args.scheduler is not None and args.scheduler not in allowed:
+            raise ValueError(f"--scheduler for a {cls.__name__} must be one of {list(allowed)}, got {args.scheduler!r}")
+    parameters = inspect.signature(pipeline.__call__).parameters
+    if args.eta is not None and "eta" not in parameters:
+        raise ValueError(f"--eta applies to pipelines whose call takes eta (MaskDMPipeline), not {type(pipeline).__name__}")
+    kwargs = {}
+    for name in ("guidance_scale", "num_inference_steps", "eta"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from diffusers_masked.training_utils import check_distributed_launch
+
+    state = Accelerator()
+    # Without this check, a launch that accelerate does not distribute would have every process draw every shard.
+    check_distributed_launch(state)
+    pipeline = sampling.load_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
+    pipeline_kwargs = validate_for_pipeline(args, pipeline)
+    if args.scheduler is not None:
+        sampling.set_scheduler(pipeline, args.scheduler)
+    pipeline = pipeline.to(state.device)
+    pipeline.set_progress_bar_config(disable=True)
+    num_classes = sampling.pipeline_num_classes(pipeline)
+
+    config = {
+        "pipeline": str(args.pipeline),
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+        "class_labels": args.class_labels,
+        "num_classes": num_classes,
+        "output_format": args.output_format,
+        "pipeline_kwargs": pipeline_kwargs,
+        "scheduler": type(pipeline.scheduler).__name__,
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+    }
+    problem = sampling.check_resume(args.output_dir, config)
+    if problem is not None:
+        raise ValueError(problem)
+    state.wait_for_everyone()  # every rank has read the old settings before the main process replaces them
+    if state.is_main_process:
+        sampling.write_config(args.output_dir, config)
+    state.wait_for_everyone()
+    pending = sampling.pending_shards(args.output_dir, args.num_samples, args.shard_size)
+    state.wait_for_everyone()  # every rank has listed the pending shards before any is written
+    ranges = sampling.shard_ranges(args.num_samples, args.shard_size)
+    mine = pending[state.process_index :: state.num_processes]
+    done = len(ranges) - len(pending)
+    if state.is_main_process and done:
+        logger.info(f"resuming: {done} of {len(ranges)} shards are finished and kept")
+
+    progress = tqdm(
+        total=sum(len(ranges[k]) for k in mine),
+        unit="img",
+        desc=f"process {state.process_index}/{state.num_processes}",
+        disable=not state.is_main_process,
+    )
+    for shard in mine:
+        sampling.sample_shard(
+            pipeline,
+            args.output_dir,
+            shard,
+            ranges[shard],
+            seed=args.seed,
+            batch_size=args.batch_size,
+            num_classes=num_classes,
+            class_labels=args.class_labels,
+            output_format=args.output_format,
+            pipeline_kwargs=pipeline_kwargs,
+            on_batch=progress.update,
+        )
+    progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        summary = {"output_dir": args.output_dir, "num_samples": args.num_samples}
+        if args.output_format in ("npz", "both"):
+            summary["npz"] = str(sampling.assemble_npz(args.output_dir, args.num_samples, args.shard_size))
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,774 @@
+"""FID and Inception Score at real scale: feature statistics of samples and of reference data, through torchmetrics.
+
+FID compares Gaussians fitted to features of real and generated images,
+``|mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2))``. The standard features are the 2048-d pool features of
+Inception-v3 in torch-fidelity's port of the TensorFlow FID weights (what ADM's evaluator and most papers use); they
+need the weights file (see `resolve_inception_weights`), which is never downloaded unless asked. Any `nn.Module`
+mapping images to ``(B, d)`` features can stand in (the offline digits classifier of `diffusers_masked.evaluation.digits`
+is one).
+
+Images are float tensors ``(B, C, H, W)`` with values in [0, 1] (uint8 is rescaled) and ``C`` 1 or 3. Large sets
+stream: a sample ``.npz`` in ADM's reference-batch layout (``arr_0``: uint8 ``(N, H, W, C)``) is read in batches
+without loading the whole array, and a folder of images file by file. Reference statistics are saved in ADM's layout
+too (``mu``, ``sigma``), plus the feature extractor's name and the image count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+# Where the digits classifier and cached reference statistics go when no cache_dir is given; DIFFUSERS_MASKED_CACHE
+# overrides it.
+DEFAULT_CACHE_DIR = Path(os.environ.get("DIFFUSERS_MASKED_CACHE", "~/.cache/diffusers_masked"))
+
+INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILENAME}"
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------
+
+
+def images_to_tensor(images: torch.Tensor | np.ndarray | Iterable[PIL.Image.Image]) -> torch.Tensor:
+    """Pipeline outputs → float32 ``(B, C, H, W)`` tensor in [0, 1], on the CPU.
+
+    Accepts a ``(B, C, H, W)`` tensor (``output_type="pt"``), a ``(B, H, W, C)`` array (``output_type="np"``,
+    values in [0, 1]) or a list of PIL images (``output_type="pil"``, mode ``"L"`` or ``"RGB"``).
+    """
+    if isinstance(images, torch.Tensor):
+        return images.detach().float().cpu()
+    if isinstance(images, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    arrays = []
+    for image in images:
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
+    """Validate a ``(B, C, H, W)`` batch and return it as float32 in [0, 1] (uint8 is rescaled)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a (batch, 1 or 3, height, width) tensor, got {shape}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    images = images.float()
+    low, high = float(images.min()), float(images.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(
+            f"{name} must have values in [0, 1] (got [{low:.3f}, {high:.3f}]); map [-1, 1] images with (x + 1) / 2"
+        )
+    return images.clamp(0, 1)
+
+
+def _npz_uint8_batches(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of the uint8 array `key` of an ``.npz`` (compressed or not), read without loading all of it."""
+    with zipfile.ZipFile(path) as archive:
+        member = f"{key}.npy"
+        if member not in archive.namelist():
+            keys = sorted(n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy"))
+            raise ValueError(f"{path} has no {key!r} array (it has {keys})")
+        with archive.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
+                raise ValueError(
+                    f"{path}[{key!r}] must be uint8 images (N, H, W, 1 or 3) as ADM's reference batches are, got "
+                    f"{dtype} {shape}"
+                )
+            per_image = int(np.prod(shape[1:]))
+            for start in range(0, shape[0], batch_size):
+                count = min(batch_size, shape[0] - start)
+                yield np.frombuffer(f.read(count * per_image), dtype=np.uint8).reshape(count, *shape[1:])
+
+
+def npz_image_count(path: str | os.PathLike, key: str = "arr_0") -> int:
+    """The number of images in ``path[key]`` (read from the array header only)."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return int(read_header(f)[0][0])
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _load_image(path: Path, resolution: int | None, num_channels: int | None) -> np.ndarray:
+    """One image file as uint8 ``(H, W, C)``; center-cropped and resized to ``resolution`` when given."""
+    if resolution is not None:
+        from ..data import ImageTransform
+
+        image = PIL.Image.open(path)
+        channels = num_channels or (1 if image.mode in ("L", "I", "I;16", "1") else 3)
+        # ImageTransform is the crop of the training data; its [-1, 1] floats map back to the exact uint8 values.
+        array = ImageTransform(resolution, num_channels=channels)(image).permute(1, 2, 0).numpy()
+        return np.round((array + 1) * 127.5).astype(np.uint8)
+    with PIL.Image.open(path) as image:
+        if num_channels == 1 or (num_channels is None and image.mode in ("L", "1")):
+            array = np.asarray(image.convert("L"))[..., None]
+        else:
+            array = np.asarray(image.convert("RGB"))
+    return array
+
+
+def image_batches(
+    source: str | os.PathLike | torch.Tensor | Iterable[torch.Tensor],
+    batch_size: int = 250,
+    resolution: int | None = None,
+    num_channels: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Stream images as float ``(B, C, H, W)`` batches in [0, 1].
+
+    Args:
+        source: an ``.npz`` whose ``arr_0`` holds uint8 ``(N, H, W, C)`` images (ADM's reference-batch layout, what
+            ``examples/sample.py`` writes), a folder of image files (read in sorted order, recursively), a
+            ``(N, C, H, W)`` tensor, or an iterable of such tensors.
+        batch_size (`int`, defaults to 250): images per batch (for files and tensors).
+        resolution (`int`, *optional*): folders only: resize the shorter side to this and crop the centre, as the
+            training data is prepared; without it every image must already have the same size.
+        num_channels (`int`, *optional*): folders only: 1 (gray) or 3 (RGB); defaults to each file's own.
+    """
+    if isinstance(source, torch.Tensor):
+        for chunk in source.split(batch_size):
+            yield _check_images(chunk, "images")
+        return
+    if not isinstance(source, (str, os.PathLike)):
+        for chunk in source:
+            yield _check_images(chunk, "images")
+        return
+    path = Path(source)
+    if path.is_file() and path.suffix == ".npz":
+        for batch in _npz_uint8_batches(path, "arr_0", batch_size):
+            yield torch.from_numpy(batch.copy()).permute(0, 3, 1, 2).float().div_(255.0)
+        return
+    if path.is_dir():
+        files = _image_files(path)
+        for start in range(0, len(files), batch_size):
+            arrays = [_load_image(f, resolution, num_channels) for f in files[start : start + batch_size]]
+            if len({a.shape for a in arrays}) > 1:
+                raise ValueError(
+                    f"the images in {path} differ in size or channels ({sorted({a.shape for a in arrays})}); pass "
+                    "resolution= (command line: --resolution) to crop and resize them"
+                )
+            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        return
+    raise ValueError(f"{str(source)!r} is neither an .npz file nor a folder of images")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature extractors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _torch_fidelity_available() -> bool:
+    return importlib.util.find_spec("torch_fidelity") is not None
+
+
+def resolve_inception_weights(
+    inception_weights_path: str | os.PathLike | None = None, allow_download: bool = False
+) -> str | None:
+    """Where the FID Inception-v3 weights are, without touching the network.
+
+    Returns the local file to load: ``inception_weights_path`` if given, else torch-fidelity's file in the
+    torch hub cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``) if present, else
+    `None` when ``allow_download`` (torch-fidelity then downloads it into that cache).
+
+    Raises:
+        ImportError: torch-fidelity (which holds the Inception network) is not installed.
+        FileNotFoundError: the weights are not available locally and ``allow_download`` is `False`; the message
+            says where to put them.
+    """
+    if not _torch_fidelity_available():
+        raise ImportError(
+            'feature_extractor="inception" needs torch-fidelity: `pip install torch-fidelity` (or '
+            '`pip install "torchmetrics[image]"`). Offline, use feature_extractor="digits".'
+        )
+    if inception_weights_path is not None:
+        if not Path(inception_weights_path).is_file():
+            raise FileNotFoundError(f"inception_weights_path {str(inception_weights_path)!r} is not a file")
+        return str(inception_weights_path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    if cached.is_file():
+        return str(cached)
+    if allow_download:
+        return None
+    raise FileNotFoundError(
+        f"The FID Inception-v3 weights are not available offline: {cached} does not exist. Either download "
+        f"{INCEPTION_WEIGHTS_URL} to that path (or anywhere, and pass inception_weights_path=..., on the command "
+        "line --inception_weights), or pass allow_download=True (on the command line --allow_download) to let "
+        'torch-fidelity fetch it. Offline, use feature_extractor="digits".'
+    )
+
+
+class InceptionFeatureExtractor(nn.Module):
+    """The standard FID features: torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID weights).
+
+    Input: float ``(B, 1|3, H, W)`` in [0, 1] (gray is repeated to RGB), quantised to uint8 and resized to
+    299×299 with torch-fidelity's TensorFlow-1 compatible bilinear resize. `forward` returns the ``(B, 2048)`` pool
+    features; `features_and_logits` also returns the ``(B, 1008)`` logits the Inception Score reads.
+
+    Args:
+        weights_path (`str`, *optional*): the local weights file (see `resolve_inception_weights`); `None` lets
+            torch-fidelity download it.
+    """
+
+    num_features = 2048
+    name = "inception-v3-compat-2048"
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=weights_path,
+            antialias=False,
+        )
+
+    def train(self, mode: bool = True) -> InceptionFeatureExtractor:
+        return super().train(False)  # a fixed feature space: never in training mode
+
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        uint8 = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        # torchmetrics' forward returns only the first of the requested outputs; this gives both from one pass.
+        features, logits = self.inception._torch_fidelity_forward(uint8)
+        return features.reshape(len(images), -1), logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+
+def get_feature_extractor(
+    feature_extractor: str | nn.Module = "inception",
+    resolution: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    inception_weights_path: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> nn.Module:
+    """The feature extractor a name stands for; a module is returned as it is.
+
+    Args:
+        feature_extractor (`str` or `nn.Module`, defaults to ``"inception"``): ``"inception"`` (an
+            `InceptionFeatureExtractor`, weights from `resolve_inception_weights`), ``"digits"`` (the offline
+            `DigitsFeatureExtractor` at ``resolution``) or a module mapping float ``(B, C, H, W)`` images in [0, 1]
+            to ``(B, d)`` features.
+        resolution (`int`, *optional*): the images' side, for ``"digits"``.
+        cache_dir, inception_weights_path, allow_download: see `get_digits_classifier` and
+            `resolve_inception_weights`.
+    """
+    if isinstance(feature_extractor, nn.Module):
+        return feature_extractor
+    if feature_extractor == "inception":
+        return InceptionFeatureExtractor(resolve_inception_weights(inception_weights_path, allow_download))
+    if feature_extractor == "digits":
+        from .digits import DigitsFeatureExtractor, get_digits_classifier
+
+        if resolution is None:
+            raise ValueError('feature_extractor="digits" needs the images\' resolution')
+        extractor = DigitsFeatureExtractor(get_digits_classifier(resolution=resolution, cache_dir=cache_dir))
+        extractor.name = f"digits-classifier-v{_digits_version()}-r{resolution}-s0"
+        return extractor
+    raise ValueError(f'feature_extractor must be "digits", "inception" or an nn.Module, got {feature_extractor!r}')
+
+
+def _digits_version() -> int:
+    from .digits import _CLASSIFIER_VERSION
+
+    return _CLASSIFIER_VERSION
+
+
+def _extractor_name(extractor: nn.Module) -> str | None:
+    """The name recorded with statistics (and keying their cache); `None` for a module of the caller's."""
+    return getattr(extractor, "name", None)
+
+
+def _single_threaded(extractor: nn.Module):
+    from .digits import DigitsFeatureExtractor, _one_cpu_thread
+
+    device = next(extractor.parameters(), torch.empty(0)).device
+    return _one_cpu_thread(device) if isinstance(extractor, DigitsFeatureExtractor) else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics, Fréchet distance, Inception Score
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureStatistics:
+    """The Gaussian fitted to a set's features: what FID compares.
+
+    Args:
+        mu (`np.ndarray`): ``(d,)`` float64 mean.
+        sigma (`np.ndarray`): ``(d, d)`` float64 covariance (unbiased, ``N - 1``).
+        num_images (`int`, *optional*): the set's size.
+        feature_extractor (`str`, *optional*): the features' name (e.g. ``"inception-v3-compat-2048"``); `None`
+            when unknown, as in ADM's reference files.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int | None = None
+    feature_extractor: str | None = None
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor | np.ndarray, feature_extractor: str | None = None):
+        """Fit ``(N, d)`` features (N >= 2)."""
+        accumulator = _StatisticsAccumulator()
+        accumulator.update(torch.as_tensor(np.asarray(features)))
+        return accumulator.result(feature_extractor)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ADM's statistics layout (``mu``, ``sigma``) plus ``num_images`` and ``feature_extractor``,
+        atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            extra = {} if self.num_images is None else {"num_images": np.int64(self.num_images)}
+            if self.feature_extractor is not None:
+                extra["feature_extractor"] = np.str_(self.feature_extractor)
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStatistics:
+        """Read ``mu`` and ``sigma`` (ADM's reference files, or `save`'s), without unpickling anything."""
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(f"{path} holds no reference statistics (mu, sigma); it has {sorted(data.keys())}")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            num_images = int(data["num_images"]) if "num_images" in data else None
+            name = str(data["feature_extractor"]) if "feature_extractor" in data else None
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+        return cls(mu, sigma, num_images, name)
+
+
+class _StatisticsAccumulator:
+    """Streaming float64 sums of features and of their outer products."""
+
+    def __init__(self):
+        self.total, self.outer, self.count = None, None, 0
+
+    def update(self, features: torch.Tensor) -> None:
+        features = features.detach().to("cpu", torch.float64)
+        if self.total is None:
+            self.total = torch.zeros(features.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+        self.total += features.sum(0)
+        self.outer += features.T @ features
+        self.count += len(features)
+
+    def result(self, feature_extractor: str | None) -> FeatureStatistics:
+        if self.count < 2:
+            raise ValueError(f"statistics need at least 2 images, got {self.count}")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return FeatureStatistics(mu.numpy(), sigma.numpy(), self.count, feature_extractor)
+
+
+def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` in float64.
+
+    ``tr((S_a S_b)^(1/2))`` is the sum of the square roots of the eigenvalues of ``S_a S_b`` (real and >= 0 for
+    covariances; rounding below 0 is clipped), as torchmetrics computes it.
+
+    Raises:
+        ValueError: the two come from different feature spaces (dimension, or recorded extractor names).
+    """
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(
+            f"the statistics have different feature dimensions ({a.mu.shape[0]} and {b.mu.shape[0]}); compute both "
+            "with the same feature extractor (ADM's reference statistics are Inception's 2048-d pool features)"
+        )
+    if a.feature_extractor and b.feature_extractor and a.feature_extractor != b.feature_extractor:
+        raise ValueError(
+            f"the statistics come from different feature extractors ({a.feature_extractor!r} and "
+            f"{b.feature_extractor!r}); FID is only defined within one feature space"
+        )
+    diff = a.mu - b.mu
+    eigenvalues = np.linalg.eigvals(a.sigma @ b.sigma).real
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt)
+
+
+def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """``exp(E_x KL(p(y|x) || p(y)))`` over ``splits`` equal parts of the logits, in float64: (mean, std).
+
+    Args:
+        logits (`torch.Tensor` or `np.ndarray`): ``(N, classes)`` unnormalised class scores.
+        splits (`int`, defaults to 10): the standard protocol's 10 (on 50,000 samples).
+    """
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= len(logits):
+        raise ValueError(f"splits must be an int in [1, {len(logits)}] (the number of samples), got {splits!r}")
+    scores = []
+    for part in logits.chunk(splits):
+        log_p = torch.log_softmax(part, dim=1)
+        log_marginal = torch.logsumexp(log_p, dim=0) - np.log(len(part))
+        kl = (log_p.exp() * (log_p - log_marginal)).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@torch.no_grad()
+def compute_statistics(
+    images: str | os.PathLike | torch.Tensor | Iterable[torch.Tensor],
+    feature_extractor: str | nn.Module = "inception",
+    batch_size: int = 250,
+    device: str | torch.device | None = None,
+    resolution: int | None = None,
+    num_channels: int | None = None,
+    return_logits: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    inception_weights_path: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> FeatureStatistics | tuple[FeatureStatistics, torch.Tensor | None]:
+    """Feature statistics of a set of images, streamed in batches.
+
+    Args:
+        images: anything `image_batches` reads (an ``.npz``, a folder, a tensor or batches of them).
+        feature_extractor: see `get_feature_extractor` (``"digits"`` takes the resolution of the first batch).
+        batch_size (`int`, defaults to 250): images per feature-extractor call.
+        device (`str` or `torch.device`, *optional*, defaults to CPU): where features are computed.
+        resolution, num_channels: folders only, see `image_batches`.
+        return_logits (`bool`, defaults to `False`): also return the extractor's class logits ``(N, classes)``
+            for `inception_score` (`None` for an extractor without `features_and_logits`).
+        cache_dir, inception_weights_path, allow_download: see `get_feature_extractor`.
+
+    Returns:
+        `FeatureStatistics`, or ``(statistics, logits)`` with ``return_logits``.
+    """
+    batches = image_batches(images, batch_size, resolution, num_channels)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("no images to compute statistics of")
+    extractor = get_feature_extractor(
+        feature_extractor, first.shape[-1], cache_dir, inception_weights_path, allow_download
+    )
+    extractor = extractor.to(device if device is not None else "cpu").eval()
+    device = next(extractor.parameters(), torch.empty(0)).device
+    with_logits = return_logits and hasattr(extractor, "features_and_logits")
+    accumulator, logits = _StatisticsAccumulator(), []
+    with _single_threaded(extractor):
+        for batch in _chain(first, batches):
+            batch = batch.to(device)
+            if with_logits:
+                features, batch_logits = extractor.features_and_logits(batch)
+                logits.append(batch_logits.float().cpu())
+            else:
+                features = extractor(batch)
+            accumulator.update(features)
+    statistics = accumulator.result(_extractor_name(extractor))
+    if not return_logits:
+        return statistics
+    return statistics, torch.cat(logits) if with_logits else None
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _source_fingerprint(reference: Path) -> str:
+    """What identifies a reference folder's content: every file's relative path, size and modification time."""
+    digest = hashlib.sha256()
+    for f in _image_files(reference):
+        stat = f.stat()
+        digest.update(f"{f.relative_to(reference).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def reference_statistics(
+    reference: str | os.PathLike | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    feature_extractor: str | nn.Module = "inception",
+    resolution: int | None = None,
+    num_channels: int | None = None,
+    batch_size: int = 250,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    inception_weights_path: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> FeatureStatistics:
+    """The statistics of the real data to compare samples with.
+
+    Give exactly one of ``reference`` or ``dataset_name``:
+
+    - ``reference`` an ``.npz`` with ``mu`` and ``sigma`` (ADM's reference statistics, e.g.
+      ``VIRTUAL_imagenet256_labeled.npz``, or `FeatureStatistics.save`'s files): read as they are.
+    - ``reference`` an ``.npz`` with only ``arr_0`` (a reference batch of uint8 images): its statistics are computed.
+    - ``reference`` a folder of images, or ``dataset_name`` a `datasets` dataset (a Hub id or a local dataset path;
+      see `load_image_dataset`): the images are center-cropped and resized to ``resolution`` (the samples'
+      resolution) as the training data is, and their statistics are computed once and cached as
+      ``<cache_dir>/fid-statistics/<key>.npz``, keyed on the data (a folder's file names, sizes and modification
+      times; a dataset's `datasets` fingerprint), the preprocessing and the feature extractor. A feature
+      extractor module of the caller's (which has no ``name`` attribute) is not cached.
+
+    Args:
+        reference (`str` or `os.PathLike`, *optional*): see above.
+        dataset_name, dataset_config_name, split, image_column: the `datasets` source (see `load_image_dataset`).
+        feature_extractor: see `get_feature_extractor`.
+        resolution (`int`, *optional*): side of the processed images; required for a dataset.
+        num_channels (`int`, *optional*): 1 or 3; defaults to each image's own for folders, 3 for datasets.
+        batch_size, device, cache_dir, inception_weights_path, allow_download: see `compute_statistics`.
+    """
+    if (reference is None) == (dataset_name is None):
+        raise ValueError(
+            f"give exactly one of reference (an .npz or an image folder) or dataset_name, got reference={reference!r} "
+            f"and dataset_name={dataset_name!r}"
+        )
+    common = dict(
+        feature_extractor=feature_extractor,
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        inception_weights_path=inception_weights_path,
+        allow_download=allow_download,
+    )
+    if reference is not None:
+        path = Path(reference)
+        if path.is_file() and path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                keys = set(data.keys())
+            if {"mu", "sigma"} <= keys:
+                return FeatureStatistics.load(path)
+            if "arr_0" in keys:
+                return compute_statistics(path, **common)
+            raise ValueError(f"{path} holds neither reference statistics (mu, sigma) nor images (arr_0): {sorted(keys)}")
+        if not path.is_dir():
+            raise ValueError(f"reference {str(reference)!r} is neither an .npz file nor a folder of images")
+        source = {"folder": str(path.resolve()), "files": _source_fingerprint(path)}
+
+        def compute():
+            return compute_statistics(path, resolution=resolution, num_channels=num_channels, **common)
+
+    else:
+        if resolution is None:
+            raise ValueError("resolution is required to prepare a dataset's images (the samples' side, e.g. 256)")
+        from ..data import ImageTransform, load_image_dataset
+
+        dataset, _ = load_image_dataset(
+            dataset_name=dataset_name,
+            dataset_config_name=dataset_config_name,
+            image_column=image_column,
+            label_column=None,
+            split=split,
+        )
+        transform = ImageTransform(resolution, num_channels=num_channels or 3)
+        source = {"dataset": dataset_name, "config": dataset_config_name, "split": split, "fingerprint": dataset._fingerprint}
+
+        def batches():
+            for start in range(0, len(dataset), batch_size):
+                rows = dataset[start : start + batch_size]["image"]
+                yield (torch.stack([transform(image) for image in rows]) + 1) / 2
+
+        def compute():
+            return compute_statistics(batches(), **common)
+
+    extractor = get_feature_extractor(feature_extractor, resolution, cache_dir, inception_weights_path, allow_download)
+    name = _extractor_name(extractor)
+    common["feature_extractor"] = extractor
+    if name is None:
+        return compute()
+    key = {**source, "resolution": resolution, "num_channels": num_channels, "feature_extractor": name, "version": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    cached = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser() / "fid-statistics"
+    cached = cached / f"{digest}.npz"
+    if cached.is_file():
+        return FeatureStatistics.load(cached)
+    statistics = compute()
+    statistics.save(cached)
+    return statistics
+
+
+def evaluate_samples(
+    samples: str | os.PathLike | torch.Tensor | Iterable[torch.Tensor],
+    reference: str | os.PathLike | FeatureStatistics | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    feature_extractor: str | nn.Module = "inception",
+    inception_score_splits: int | None = 10,
+    batch_size: int = 250,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    inception_weights_path: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> dict[str, Any]:
+    """FID of samples against real data, and their Inception Score.
+
+    Args:
+        samples: anything `image_batches` reads; typically the ``.npz`` or PNG folder of ``examples/sample.py``.
+        reference: see `reference_statistics`, or ready `FeatureStatistics`.
+        dataset_name, dataset_config_name, split, image_column: a `datasets` reference instead (see
+            `reference_statistics`); its images are prepared at the samples' resolution and channel count.
+        feature_extractor: see `get_feature_extractor`.
+        inception_score_splits (`int`, *optional*, defaults to 10): splits of the Inception Score (computed on the
+            logits of the feature extractor: Inception's 1008 classes, or the digits classifier's 10); `None` skips
+            it.
+        batch_size, device, cache_dir, inception_weights_path, allow_download: see `compute_statistics`.
+
+    Returns:
+        `dict`: ``fid``, ``inception_score`` and ``inception_score_std`` (`None` when skipped or not available),
+        ``num_samples``, ``num_reference`` (`None` when the reference file does not record it),
+        ``feature_extractor`` (its name, or the module's class name) and ``resolution``.
+    """
+    common = dict(
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        inception_weights_path=inception_weights_path,
+        allow_download=allow_download,
+    )
+    first = next(image_batches(samples, batch_size=2))
+    resolution, channels = first.shape[-1], first.shape[1]
+    extractor = get_feature_extractor(feature_extractor, resolution, cache_dir, inception_weights_path, allow_download)
+    if inception_score_splits is not None:
+        fake, logits = compute_statistics(samples, extractor, return_logits=True, **common)
+    else:
+        fake, logits = compute_statistics(samples, extractor, **common), None
+    if isinstance(reference, FeatureStatistics):
+        real = reference
+    else:
+        real = reference_statistics(
+            reference,
+            dataset_name=dataset_name,
+            dataset_config_name=dataset_config_name,
+            split=split,
+            image_column=image_column,
+            feature_extractor=extractor,
+            resolution=resolution,
+            num_channels=channels,
+            **common,
+        )
+    score = inception_score(logits, inception_score_splits) if logits is not None else (None, None)
+    return {
+        "fid": frechet_distance(fake, real),
+        "inception_score": score[0],
+        "inception_score_std": score[1],
+        "num_samples": fake.num_images,
+        "num_reference": real.num_images,
+        "feature_extractor": _extractor_name(extractor) or type(extractor).__name__,
+        "resolution": resolution,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FID between two image sets in memory (through torchmetrics' metric)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fids_against(
+    real_images: torch.Tensor,
+    candidates: list[torch.Tensor],
+    feature_extractor="digits",
+    batch_size: int = 256,
+    device=None,
+    cache_dir=None,
+    inception_weights_path=None,
+    allow_download: bool = False,
+) -> list[float]:
+    """FID of each candidate set against one real set, extracting the real features once."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real_images = _check_images(real_images, "real_images")
+    candidates = [_check_images(c, f"candidate set {i}") for i, c in enumerate(candidates)]
+    extractor = get_feature_extractor(
+        feature_extractor, real_images.shape[-1], cache_dir, inception_weights_path, allow_download
+    )
+    metric = FrechetInceptionDistance(
+        feature=extractor, normalize=True, reset_real_features=False, input_img_size=tuple(real_images.shape[1:])
+    )
+    metric = metric.to(device if device is not None else "cpu")
+    fids = []
+    with _single_threaded(metric.inception):
+        for chunk in real_images.split(batch_size):
+            metric.update(chunk.to(metric.device), real=True)
+        for images in candidates:
+            metric.reset()
+            for chunk in images.split(batch_size):
+                metric.update(chunk.to(metric.device), real=False)
+            fids.append(float(metric.compute()))
+    return fids
+
+
+def compute_fid(
+    real_images: torch.Tensor,
+    fake_images: torch.Tensor,
+    feature_extractor: str | nn.Module = "digits",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    inception_weights_path: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> float:
+    """Fréchet distance between the features of two image sets, through torchmetrics' `FrechetInceptionDistance`.
+
+    Args:
+        real_images (`torch.Tensor`): float ``(B, 1|3, H, W)`` in [0, 1] (uint8 in 0..255 is also accepted). At least
+            2 images; FID is biased upwards for small sets, so compare numbers computed with the same set sizes.
+        fake_images (`torch.Tensor`): as ``real_images``.
+        feature_extractor (`str` or `nn.Module`, defaults to ``"digits"``):
+            ``"digits"``: the 128-d feature layer of `get_digits_classifier` (seed 0) at the real images'
+            resolution, trained and cached on first use, offline; images become gray.
+            ``"inception"``: the standard 2048-d Inception-v3 pool features (`InceptionFeatureExtractor`; needs
+            torch-fidelity and the weights, see `resolve_inception_weights`).
+            Or an `nn.Module` mapping the float images as given to ``(B, d)`` features (a ``num_features``
+            attribute saves torchmetrics a dummy forward).
+        batch_size (`int`, defaults to 256): images per feature-extractor call.
+        device (`str` or `torch.device`, *optional*, defaults to CPU): where features are computed.
+        cache_dir (`str` or `os.PathLike`, *optional*): cache of the digits classifier (see `get_digits_classifier`).
+        inception_weights_path (`str` or `os.PathLike`, *optional*): see `resolve_inception_weights`.
+        allow_download (`bool`, defaults to `False`): see `resolve_inception_weights`.
+
+    Returns:
+        `float`: the FID (0 for identical sets, larger is worse).
+    """
+    return _fids_against(
+        real_images,
+        [fake_images],
+        feature_extractor=feature_extractor,
+        batch_size=batch_size,
+        device=device,
+        cache_dir=cache_dir,
+        inception_weights_path=inception_weights_path,
+        allow_download=allow_download,
+    )[0]
