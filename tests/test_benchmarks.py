@@ -89,3 +89,10 @@ def test_allocator_choice_is_validated():
     assert train_step.parse_args([]).allocator == "keep"
     with pytest.raises(SystemExit):
         train_step.parse_args(["--allocator", "tcmalloc"])
+
+
+def test_gpu_defaults_are_the_issues_batches_and_the_official_repo_must_be_a_checkout(tmp_path):
+    args = train_step.parse_args(["--device", "cuda"])
+    assert args.batch_sizes == [32, 64, 128] and args.dtype == ["fp32", "bf16"]
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--official_repo", str(tmp_path)])
