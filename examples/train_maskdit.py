@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train a class-conditional MaskDiT with accelerate: masked training, then unmasking tuning.
+"""Train a MaskDiT (class-conditional, or unconditional with --num_classes 0) with accelerate: masked training, then
+unmasking tuning.
 
     accelerate launch examples/train_maskdit.py                     # built-in default: scikit-learn digits, CPU, ~13 min
     accelerate launch examples/train_maskdit.py --dataset_name imagenet-1k --vae stabilityai/sd-vae-ft-mse \\
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from diffusers.utils import numpy_to_pil
 from torch.utils.data import DataLoader
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline, MaskedDiTTransformer2DModel
 from diffusers_masked.data import sample_latents
-from diffusers_masked.masking import MASK_TYPES, generate_mask, parse_mask_schedule
+from diffusers_masked.masking import MASK_TYPES, generate_mask, generated_mask_count, parse_mask_schedule
 from diffusers_masked.schedulers.masked_training import drop_class_labels
 from diffusers_masked.training_utils import (
     UNMASK_SCHEDULES,
@@ -131,9 +132,20 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", type=str, default=None, help="Where datasets and latents are cached.")
     parser.add_argument("--resolution", type=int_at_least(1), default=None, help="Image side after resize and crop.")
     parser.add_argument("--random_crop", action="store_true", help="Random instead of centre crop.")
-    parser.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    parser.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Random horizontal flips; with --vae the flipped images' latents are extracted too, one of the two "
+        "drawn per sample and step.",
+    )
     parser.add_argument("--max_train_samples", type=int_at_least(1), default=None)
-    parser.add_argument("--num_classes", type=int_at_least(1), default=None, help="Defaults to the label column's class count.")
+    parser.add_argument(
+        "--num_classes",
+        type=int_at_least(0),
+        default=None,
+        help="Defaults to the label column's class count; 0 trains an unconditional model (data without labels, "
+        "e.g. LSUN or FFHQ).",
+    )
     parser.add_argument(
         "--skip_image_verification",
         action="store_true",
@@ -157,6 +169,17 @@ def parse_args(argv=None):
         "the unmasking tuning separately.",
     )
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the encoder and decoder blocks with torch.compile (diffusers' regional compile_repeated_blocks).",
+    )
+    parser.add_argument(
+        "--attention_backend",
+        type=str,
+        default=None,
+        help="A diffusers attention backend for the model, e.g. 'flash' or '_native_cudnn' (model.set_attention_backend).",
+    )
     # Masked objective
     parser.add_argument("--mask_ratio", type=finite_float(0, 1, high_open=True), default=0.5, help="Mask ratio of the masked phase.")
     parser.add_argument(
@@ -302,8 +325,6 @@ def main(args):
         mixed_precision=args.mixed_precision,
         log_with=args.report_to if args.report_to != "none" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        # The unmasking phase never uses the mask token, so DDP must tolerate parameters without gradients.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_distributed_launch(accelerator)
@@ -342,17 +363,18 @@ def main(args):
         dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir,
         image_column=args.image_column,
-        label_column=args.label_column,
+        label_column=None if args.num_classes == 0 else args.label_column,
         cache_dir=args.cache_dir,
         max_train_samples=args.max_train_samples,
         verify=not args.skip_image_verification,
         random_crop=args.random_crop,
         random_flip=args.random_flip,
+        num_workers=args.dataloader_num_workers,
         vae=args.vae,
         vae_subfolder=args.vae_subfolder,
         latent_cache_dir=args.cache_dir or output_dir / "latent-cache",
         latent_batch_size=args.latent_batch_size,
-        num_classes=args.num_classes or model_classes,
+        num_classes=args.num_classes if args.num_classes is not None else model_classes,
     )
     dataset, vae = data.dataset, data.vae
     args.num_classes = data.num_classes
@@ -361,6 +383,10 @@ def main(args):
     model = build_model(args, data.in_channels, data.sample_size, args.num_classes)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if args.attention_backend:
+        model.set_attention_backend(args.attention_backend)
+    if args.torch_compile:
+        model.compile_repeated_blocks()
     if resumed_state is not None:
         check_model_config(resumed_state["model_config"], model.config)
     scheduler = EDMHeunScheduler(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
@@ -465,14 +491,18 @@ def main(args):
                         clean = sample_latents(batch, scaling_factor, generator=generator)
                     else:
                         clean = batch["pixel_values"].to(accelerator.device)
-                    labels = drop_class_labels(
-                        batch["class_labels"].to(accelerator.device),
-                        args.num_classes,
-                        args.class_dropout_prob,
-                        generator=generator,
-                    )
-                    mask = None
+                    labels = None
+                    if args.num_classes:
+                        labels = drop_class_labels(
+                            batch["class_labels"].to(accelerator.device),
+                            args.num_classes,
+                            args.class_dropout_prob,
+                            generator=generator,
+                        )
+                    mask, num_masked = None, None
                     if mask_ratio > 0:
+                        # Its count, known without reading the mask, keeps the step free of device-to-host reads.
+                        num_masked = generated_mask_count(args.mask_type, grid_size, mask_ratio, args.mask_block_size)
                         mask = generate_mask(
                             args.mask_type,
                             clean.shape[0],
@@ -490,6 +520,7 @@ def main(args):
                             mask=mask,
                             mae_loss_weight=args.mae_loss_weight if mask is not None else 0.0,
                             generator=generator,
+                            num_masked=num_masked,
                         )
                     finite = torch.isfinite(out.loss.detach()).float()
                     if accelerator.gather(finite[None]).min() < 1:
@@ -533,9 +564,9 @@ def main(args):
     if accelerator.is_main_process:
         pipeline = make_pipeline(final_model, EDMHeunScheduler.from_config(scheduler.config), vae, data.id2label)
         per_class = args.num_validation_images_per_class * 2
-        rows = min(args.num_classes, args.validation_classes)
+        rows = grid_rows(args)
         eval_results, metrics, grid = [], {}, None
-        if args.builtin_digits and args.num_eval_samples_per_class:
+        if args.builtin_digits and args.num_eval_samples_per_class and args.num_classes:
             from diffusers_masked.evaluation import eval_results_for_model_card, evaluate_pipeline_on_digits
 
             metrics, samples, _ = evaluate_pipeline_on_digits(
@@ -581,6 +612,11 @@ def main(args):
     return global_step
 
 
+def grid_rows(args) -> int:
+    """Rows of a sample grid: one per class shown, or as many rows of unconditional samples."""
+    return min(args.num_classes, args.validation_classes) if args.num_classes else args.validation_classes
+
+
 def sampling_kwargs(args) -> dict:
     return {"guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps}
 
@@ -593,7 +629,7 @@ def log_validation(args, accelerator, model, ema, scheduler, vae, id2label, glob
     """
     with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
         pipeline = make_pipeline(ema_model, EDMHeunScheduler.from_config(scheduler.config), vae, id2label)
-        rows = min(args.num_classes, args.validation_classes)
+        rows = grid_rows(args)
         grid = sample_grid(pipeline, rows, args.num_validation_images_per_class, seed=args.seed, **sampling_kwargs(args))
     if not accelerator.is_main_process:
         return

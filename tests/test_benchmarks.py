@@ -121,3 +121,10 @@ def test_sampling_nfe_refuses_even_nfes():
     spec.loader.exec_module(bench)
     with pytest.raises(ValueError, match="--nfes"):
         bench.parse_args(["--nfes", "4"])
+
+
+def test_gpu_defaults_are_the_issues_batches_and_the_official_repo_must_be_a_checkout(tmp_path):
+    args = train_step.parse_args(["--device", "cuda"])
+    assert args.batch_sizes == [32, 64, 128] and args.dtype == ["fp32", "bf16"]
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--official_repo", str(tmp_path)])

@@ -348,3 +348,103 @@ def test_corrupt_image_during_extraction_fails_with_its_path(vae_dir, folder_wit
     with pytest.raises(ValueError, match=r"(truncated|garbage)\.png"):
         extract_latents(dataset, vae, build_transforms(16), tmp_path / "cache", batch_size=2)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def _columns(latents):
+    rows = latents[:]
+    return {name: rows[name] for name in latents.column_names}
+
+
+def _assert_same_columns(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(torch.as_tensor(a[name]), torch.as_tensor(b[name])), name
+
+
+def test_interrupted_extraction_resumes_at_the_last_finished_shard(vae_dir, digits_subset, tmp_path):
+    # 10 rows in shards of 4 (batches of 2): shards 0, 1, 2 take 2, 2 and 1 encode calls. Fail in shard 1.
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    encode, calls = vae.encode, []
+
+    def failing_encode(x):
+        calls.append(x)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted")
+        return encode(x)
+
+    vae.encode = failing_encode
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract_latents(digits_subset, vae, build_transforms(16), tmp_path / "cache", batch_size=2, shard_size=4)
+    assert not any(p.name.startswith("latents-") for p in (tmp_path / "cache").iterdir())
+
+    resumed_vae = _load_counting_vae(vae_dir)
+    resumed = extract_latents(digits_subset, resumed_vae, build_transforms(16), tmp_path / "cache", batch_size=2, shard_size=4)
+    assert resumed_vae.encode.calls == 3  # shards 1 and 2 only
+    fresh = extract_latents(digits_subset, AutoencoderKL.from_pretrained(vae_dir), build_transforms(16), tmp_path / "fresh", batch_size=2)
+    _assert_same_columns(_columns(resumed), _columns(fresh))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [resumed.cache_files[0]["filename"].split("/")[-2]]
+
+
+def test_xflip_stores_the_flipped_images_posterior_under_its_own_key(vae_dir, digits_subset, tmp_path):
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    transform = build_transforms(16)
+    assert latent_cache_key(digits_subset, vae, transform, xflip=True) != latent_cache_key(digits_subset, vae, transform)
+    latents = extract_latents(digits_subset, vae, transform, tmp_path / "cache", batch_size=3, xflip=True, num_workers=1)
+    assert latents.column_names == ["latent_mean", "latent_std", "flipped_latent_mean", "flipped_latent_std", "label"]
+    rows = latents[:]
+    flipped = torch.stack([transform(row["image"]) for row in digits_subset]).flip(-1)
+    with torch.no_grad():
+        posterior = vae.encode(flipped).latent_dist
+    torch.testing.assert_close(rows["flipped_latent_mean"], posterior.mean)
+    torch.testing.assert_close(rows["flipped_latent_std"], posterior.std)
+
+
+def test_sample_latents_draws_each_sample_from_the_flipped_posterior_with_probability_one_half():
+    mean, std = torch.randn(64, 4, 2, 2), torch.rand(64, 4, 2, 2)
+    flipped_mean, flipped_std = torch.randn(64, 4, 2, 2), torch.rand(64, 4, 2, 2)
+    batch = {"latent_mean": mean, "latent_std": std, "flipped_latent_mean": flipped_mean, "flipped_latent_std": flipped_std}
+    z = sample_latents(batch, 0.5, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    eps = torch.randn(mean.shape, generator=generator)
+    flip = torch.rand(64, generator=generator) < 0.5
+    for i in range(64):
+        m, s = (flipped_mean[i], flipped_std[i]) if flip[i] else (mean[i], std[i])
+        torch.testing.assert_close(z[i], (m + s * eps[i]) * 0.5)
+    assert 16 < int(flip.sum()) < 48
+
+
+_EXTRACT_ON_ONE_RANK = """
+import sys
+import torch.distributed as dist
+from diffusers import AutoencoderKL
+from diffusers_masked.data import build_transforms, extract_latents, load_digits_dataset
+rank, world, vae_dir, cache = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", rank=rank, world_size=world)
+dataset = load_digits_dataset(resolution=16)[0].select(range(10))
+extract_latents(dataset, AutoencoderKL.from_pretrained(vae_dir), build_transforms(16), cache, batch_size=2,
+                shard_size=4, xflip=True, process_index=rank, num_processes=world, wait_for_everyone=dist.barrier)
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_extract_their_shards_into_the_cache_one_process_makes(vae_dir, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", _EXTRACT_ON_ONE_RANK, str(r), "2", str(vae_dir), str(tmp_path / "two")], env=env)
+        for r in range(2)
+    ]
+    assert [rank.wait(timeout=300) for rank in ranks] == [0, 0]
+    dataset = load_digits_dataset(resolution=16)[0].select(range(10))
+    # The same batches of 2 (shards of 4 hold two each), so both encode exactly the same tensors.
+    one = extract_latents(dataset, AutoencoderKL.from_pretrained(vae_dir), build_transforms(16), tmp_path / "one", batch_size=2, xflip=True)
+    (two_dir,) = (tmp_path / "two").iterdir()
+    assert two_dir.name == one.cache_files[0]["filename"].split("/")[-2]
+    _assert_same_columns(_columns(datasets.load_from_disk(str(two_dir)).with_format("torch")), _columns(one))

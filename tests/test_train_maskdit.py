@@ -127,7 +127,7 @@ def test_built_in_default_applies_the_digits_recipe_and_user_flags_win():
         (["--train_batch_size", "-4"], "--train_batch_size"),
         (["--unmask_batch_size", "0"], "--unmask_batch_size"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
-        (["--num_classes", "0"], "--num_classes"),
+        (["--num_classes", "-1"], "--num_classes"),
         (["--num_inference_steps", "0"], "--num_inference_steps"),
         (["--guidance_scale", "-1"], "--guidance_scale"),
         (["--guidance_scale", "inf"], "--guidance_scale"),
@@ -248,7 +248,9 @@ def test_kill_minus_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_two_process_cpu_data_parallel_run_finishes_with_ranks_in_agreement(tmp_path):
+def test_two_process_ddp_runs_both_phases_without_searching_for_unused_parameters(tmp_path):
+    # The script leaves DDP's find_unused_parameters off: a parameter without a gradient in some step (the mask
+    # token of the unmasking phase, were it not kept in the graph) would stop the next step with a reduction error.
     out = tmp_path / "ddp"
     result = _launch(
         "--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "2", "--train_batch_size", "8",
@@ -485,3 +487,31 @@ def test_num_classes_below_the_datas_labels_is_refused_before_training(tmp_path)
     result = _launch("--output_dir", str(tmp_path / "run"), "--num_classes", "9", "--max_train_steps", "2", check=False)
     assert result.returncode != 0 and "num_classes is 9 but the data has labels up to 9" in result.stderr
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_unconditional_latent_run_with_flipped_latents_leaves_an_unconditional_pipeline(tmp_path):
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "data"
+    _write_imagefolder(data, size=16)
+    out = tmp_path / "run"
+    _launch(
+        "--train_data_dir", str(data), "--vae", str(tmp_path / "vae"), "--cache_dir", str(tmp_path / "cache"),
+        "--random_flip", "--num_classes", "0", "--resolution", "16", "--max_train_steps", "2",
+        "--unmask_tuning_steps", "1", "--output_dir", str(out),
+    )  # fmt: skip
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("latents-")]
+    import datasets
+
+    assert "flipped_latent_mean" in datasets.load_from_disk(str(cache)).column_names
+    assert "label" not in datasets.load_from_disk(str(cache)).column_names
+
+    from diffusers_masked import MaskDiTPipeline
+
+    pipe = MaskDiTPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.num_classes == 0
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="np").images.shape == (2, 16, 16, 3)
+    card = (out / "README.md").read_text()
+    assert "- unconditional" in card and "class-conditional" not in card

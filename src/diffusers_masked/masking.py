@@ -138,7 +138,7 @@ def block_mask(
         )
     blocks_h, blocks_w = grid_h // block_size, grid_w // block_size
     num_blocks = blocks_h * blocks_w
-    num_removed_blocks = min(int(round(mask_ratio * num_blocks)), num_blocks - 1)
+    num_removed_blocks = _num_removed_blocks(num_blocks, mask_ratio)
     gen_device = generator.device if generator is not None else "cpu"
     noise = torch.rand(batch_size, num_blocks, generator=generator, device=gen_device)
     ranks = noise.argsort(dim=1).argsort(dim=1)
@@ -146,6 +146,10 @@ def block_mask(
     # Expand every block to its block_size x block_size patches on the grid.
     mask = blocks.expand(batch_size, blocks_h, block_size, blocks_w, block_size).reshape(batch_size, grid_h * grid_w)
     return mask.to(device) if device is not None else mask
+
+
+def _num_removed_blocks(num_blocks: int, mask_ratio: float) -> int:
+    return min(int(round(mask_ratio * num_blocks)), num_blocks - 1)
 
 
 def _crop_shape(grid_h: int, grid_w: int, num_visible: int) -> tuple[int, int]:
@@ -211,20 +215,45 @@ def generate_mask(
     raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
 
 
-def check_mask(mask: torch.Tensor, batch_size: int, num_tokens: int) -> int:
-    """Validate a user mask and return its (common) number of removed tokens per sample."""
+def generated_mask_count(mask_type: str, grid_size: int | tuple[int, int], mask_ratio: float, block_size: int = 2) -> int:
+    """The number of tokens `generate_mask` removes per sample with these arguments, without drawing a mask.
+
+    Passed on as ``num_masked`` (to a model's `forward` or `masked_training_loss`), it spares them reading the mask's
+    values, which on an accelerator would make the host wait for the device at every step."""
+    grid_h, grid_w = _check_grid(grid_size)
+    mask_ratio = _check_ratio(mask_ratio)
+    num_tokens = grid_h * grid_w
+    if mask_type == "random":
+        return num_masked_tokens(num_tokens, mask_ratio)
+    if mask_type == "block":
+        num_blocks = (grid_h // block_size) * (grid_w // block_size)
+        return _num_removed_blocks(num_blocks, mask_ratio) * block_size * block_size
+    if mask_type == "crop":
+        crop_h, crop_w = _crop_shape(grid_h, grid_w, num_tokens - num_masked_tokens(num_tokens, mask_ratio))
+        return num_tokens - crop_h * crop_w
+    raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+
+
+def check_mask(mask: torch.Tensor, batch_size: int, num_tokens: int, num_masked: int | None = None) -> int:
+    """Validate a user mask and return its (common) number of removed tokens per sample.
+
+    With ``num_masked`` (the count its generator removes, e.g. from `generated_mask_count`) only the mask's shape and
+    dtype are checked and ``num_masked`` is returned: nothing reads the mask's values, so no device synchronises.
+    Without it, the counts are read (one device-to-host copy) and must be equal."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.bool tensor of shape ({batch_size}, {num_tokens}), got {type(mask)}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool (True = removed token), got {mask.dtype}")
     if tuple(mask.shape) != (batch_size, num_tokens):
         raise ValueError(f"mask must have shape (batch, num_tokens) = ({batch_size}, {num_tokens}), got {tuple(mask.shape)}")
-    counts = mask.sum(dim=1)
-    if (counts != counts[0]).any():
-        raise ValueError(
-            f"mask must remove the same number of tokens in every sample, got counts {counts.tolist()}"
-        )
-    num_removed = int(counts[0])
+    if num_masked is not None:
+        if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 0 <= num_masked < num_tokens:
+            raise ValueError(f"num_masked must be an int in [0, {num_tokens}) (at least one token visible), got {num_masked!r}")
+        return num_masked
+    counts = mask.sum(dim=1).tolist()
+    if any(count != counts[0] for count in counts):
+        raise ValueError(f"mask must remove the same number of tokens in every sample, got counts {counts}")
+    num_removed = counts[0]
     if num_removed >= num_tokens:
         raise ValueError(f"mask removes all {num_tokens} tokens; at least one must stay visible")
     return num_removed

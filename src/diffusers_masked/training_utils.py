@@ -673,16 +673,21 @@ def check_ranks_agree(accelerator, model) -> None:
 def sample_grid(pipeline, num_classes: int, per_class: int, seed: int, **pipeline_kwargs):
     """One row per class (``0 .. num_classes - 1``), `per_class` samples each, from a fixed seed.
 
+    An unconditional pipeline (``pipeline.num_classes == 0``) fills the same grid with ``batch_size`` samples.
+
     Args:
-        pipeline: a class-conditional pipeline taking ``class_labels``.
+        pipeline: a class-conditional pipeline taking ``class_labels``, or an unconditional one.
         num_classes (`int`): rows of the grid.
         per_class (`int`): columns.
         seed (`int`): seed of the generator on the pipeline's device.
         pipeline_kwargs: passed on, e.g. ``guidance_scale``, ``num_inference_steps``.
     """
-    labels = [c for c in range(num_classes) for _ in range(per_class)]
+    if getattr(pipeline, "num_classes", None) == 0:
+        inputs = {"batch_size": num_classes * per_class}
+    else:
+        inputs = {"class_labels": [c for c in range(num_classes) for _ in range(per_class)]}
     images = pipeline(
-        class_labels=labels,
+        **inputs,
         generator=torch.Generator(device=pipeline.device).manual_seed(seed),
         output_type="pil",
         **pipeline_kwargs,
@@ -736,11 +741,18 @@ def check_labels(dataset, id2label: dict | None, num_classes: int | None) -> int
     The label ``num_classes`` is the null class of classifier-free guidance, so a real label there (or above) would
     be trained as "no class": refused.
 
+    ``num_classes=0`` asks for an unconditional model: any labels are ignored.
+
     Raises:
         ValueError: if the data has no labels, a label is negative, or one is >= `num_classes`.
     """
+    if num_classes == 0:
+        return 0
     if "label" not in dataset.column_names:
-        raise ValueError("the data has no labels: pass --label_column naming its class-label column")
+        raise ValueError(
+            "the data has no labels: pass --label_column naming its class-label column, or --num_classes 0 to train "
+            "an unconditional model"
+        )
     labels = dataset.select_columns(["label"])["label"]
     if len(labels) == 0:
         raise ValueError("the training data is empty")
@@ -778,13 +790,16 @@ def load_training_data(
     latent_cache_dir: str | os.PathLike | None = None,
     latent_batch_size: int = 32,
     num_classes: int | None = None,
+    num_workers: int = 0,
 ) -> TrainingData:
     """The training set of a run: a Hub dataset or image folder, or with neither the built-in digits.
 
     The built-in digits are their 80% train split (so the held-out 20% gives an honest FID floor), one channel.
     Other data is RGB, every image decoded once first (`verify`) so that a corrupt file stops the run now, by name,
     not hours in when its batch comes up. With `vae`, every image's posterior is extracted once into a cache that
-    later runs reuse (`extract_latents`); random crops and flips are refused there, as latents are extracted once.
+    later runs reuse (`extract_latents`, each process encoding its share); with `random_flip` the flipped images'
+    posteriors too, one of the two drawn per sample and step; random crops are refused there, as latents are
+    extracted once.
 
     Args:
         accelerator (`accelerate.Accelerator`): the main process verifies and extracts first, the others reuse.
@@ -800,7 +815,8 @@ def load_training_data(
         latent_cache_dir (`str` or `os.PathLike`, *optional*): where the latents are cached; required with `vae`.
         latent_batch_size (`int`, defaults to 32): batch size of the extraction.
         num_classes (`int`, *optional*): the model's classes; checked against the labels before any image is
-            decoded (`check_labels`). Defaults to the data's.
+            decoded (`check_labels`). Defaults to the data's; 0 trains unconditionally (labels are not read).
+        num_workers (`int`, defaults to 0): `DataLoader` workers of the latent extraction.
     """
     builtin_digits = dataset_name is None and train_data_dir is None
     if builtin_digits:
@@ -832,15 +848,25 @@ def load_training_data(
 
     from diffusers import AutoencoderKL
 
-    if random_flip or random_crop:
-        raise ValueError("random flips and crops cannot be used with a VAE: latents are extracted once")
+    if random_crop:
+        raise ValueError("random crops cannot be used with a VAE: latents are extracted once (flips can: --random_flip)")
     if latent_cache_dir is None:
         raise ValueError("latent_cache_dir is required with a VAE")
     autoencoder = AutoencoderKL.from_pretrained(vae, subfolder=vae_subfolder).eval()
-    with accelerator.main_process_first():
-        dataset = extract_latents(
-            dataset, autoencoder, transform, latent_cache_dir, batch_size=latent_batch_size, device=accelerator.device
-        )
+    dataset = extract_latents(
+        dataset,
+        autoencoder,
+        build_transforms(resolution, num_channels=num_channels),
+        latent_cache_dir,
+        batch_size=latent_batch_size,
+        device=accelerator.device,
+        label_column="label" if num_classes else None,
+        xflip=random_flip,
+        num_workers=num_workers,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        wait_for_everyone=accelerator.wait_for_everyone,
+    )
     downsampling = 2 ** (len(autoencoder.config.block_out_channels) - 1)
     return TrainingData(
         dataset,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
 from diffusers.utils import BaseOutput
@@ -58,15 +59,41 @@ def sincos_positions(embed_dim: int, grid_h: int, grid_w: int, device=None) -> t
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid.reshape(2, -1)).float()
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused query-key-value projection (the layout of DiT's and MaskDiT's own
-    code) and PyTorch's ``scaled_dot_product_attention``.
+class FusedQKVAttnProcessor:
+    """The attention of [`SelfAttention`], through diffusers' attention dispatcher: the backend is the one chosen with
+    `model.set_attention_backend(...)` (stored on the processor as diffusers' processors store it), else diffusers'
+    active default (torch's `scaled_dot_product_attention`, or `DIFFUSERS_ATTN_BACKEND`)."""
 
-    One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones means fewer, larger operations (on the
-    project's CPU every shape multiplies at the same rate, so the step is at parity with diffusers' DiT; see
-    docs/benchmarks.md), and official checkpoints load without splitting ``qkv``.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: SelfAttention, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape  # [B, L, D]
+        qkv = attn.to_qkv(hidden_states).view(batch, length, 3, attn.num_heads, attn.head_dim)
+        # The dispatcher takes [B, L, H, d], which is what unbinding the fused projection gives, with no copy; in
+        # backward autograd stacks the three gradients straight into qkv's [B, L, 3, H, d] layout.
+        query, key, value = qkv.unbind(2)  # each [B, L, H, d]
+        out = dispatch_attention_fn(
+            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+        )  # [B, L, H, d]
+        return attn.to_out(out.reshape(batch, length, -1))
+
+
+class SelfAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention with one fused query-key-value projection (the layout of DiT's and MaskDiT's own
+    code), computed by diffusers' attention dispatcher (see [`FusedQKVAttnProcessor`]), so that
+    `model.set_attention_backend("flash")` and diffusers' other backends apply to it.
+
+    One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones means fewer, larger operations, and
+    official checkpoints load without splitting ``qkv``. The projection is fused already, so diffusers'
+    `fuse_qkv_projections` has nothing to do here.
 
     ``bias=False`` drops the query-key-value bias (U-ViT's and MaskDM's layout); the output projection keeps its own."""
+
+    _default_processor_cls = FusedQKVAttnProcessor
+    _available_processors = [FusedQKVAttnProcessor]
+    _supports_qkv_fusion = False
+    fused_projections = True
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool = True):
         super().__init__()
@@ -74,15 +101,10 @@ class SelfAttention(nn.Module):
         self.head_dim = head_dim
         self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=bias)
         self.to_out = nn.Linear(num_heads * head_dim, dim)
+        self.set_processor(FusedQKVAttnProcessor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape  # x: [B, L, D]
-        qkv = self.to_qkv(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        # Split before transposing: in backward, autograd then stacks the three gradients straight into qkv's
-        # [B, L, 3, H, d] layout (one copy); transposing first would stack them as [3, B, H, L, d] and copy again.
-        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, L, d]
-        out = F.scaled_dot_product_attention(query, key, value)  # [B, H, L, d]
-        return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.processor(self, x)
 
 
 class AdaLNZeroBlock(nn.Module):
@@ -130,10 +152,20 @@ class AdaLNProjection(nn.Module):
 
 
 def check_transformer_inputs(
-    hidden_states, timestep, class_labels, in_channels: int, patch_size: int, num_classes: int
+    hidden_states,
+    timestep,
+    class_labels,
+    in_channels: int,
+    patch_size: int,
+    num_classes: int,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate a masked transformer's `forward` inputs; return the timestep as a `(batch,)` tensor and the labels
-    as `long` ids (or `None` for an unconditional model, `num_classes=0`)."""
+    as `long` ids (or `None` for an unconditional model, `num_classes=0`).
+
+    Shapes and dtypes are always checked (they cost nothing). The labels' range is checked only with
+    `check_values`: reading values makes the host wait for the device, which a training step must not do at every
+    forward (and which breaks `torch.compile` graphs)."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
         raise ValueError(
             f"hidden_states must be a (batch, channels, height, width) tensor, got "
@@ -167,11 +199,12 @@ def check_transformer_inputs(
             raise TypeError(f"class_labels must be integer ids, got dtype {class_labels.dtype}")
         if class_labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
-        if class_labels.min() < 0 or class_labels.max() > num_classes:
-            raise ValueError(
-                f"class_labels must be in [0, {num_classes}] ({num_classes} = null class), "
-                f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
-            )
+        if check_values:
+            low, high = torch.stack(torch.aminmax(class_labels.long())).tolist()
+            if low < 0 or high > num_classes:
+                raise ValueError(
+                    f"class_labels must be in [0, {num_classes}] ({num_classes} = null class), got values in [{low}, {high}]"
+                )
         class_labels = class_labels.long()
     return timestep, class_labels
 
@@ -207,6 +240,8 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["norm"]
     _no_split_modules = ["AdaLNZeroBlock"]
+    # What diffusers' regional compilation (`compile_repeated_blocks`) compiles: every encoder and decoder block.
+    _repeated_blocks = ["AdaLNZeroBlock"]
 
     @register_to_config
     def __init__(
@@ -372,7 +407,13 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
     def _check_inputs(self, hidden_states, timestep, class_labels):
         config = self.config
         return check_transformer_inputs(
-            hidden_states, timestep, class_labels, config.in_channels, config.patch_size, config.num_classes
+            hidden_states,
+            timestep,
+            class_labels,
+            config.in_channels,
+            config.patch_size,
+            config.num_classes,
+            check_values=not self.training,
         )
 
     def _positions(self, buffer: torch.Tensor, dim: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
@@ -395,6 +436,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         class_labels: torch.LongTensor | None = None,
         mask: torch.BoolTensor | None = None,
         return_dict: bool = True,
+        num_masked: int | None = None,
     ) -> MaskedDiTTransformer2DModelOutput | tuple:
         """
         Args:
@@ -403,12 +445,20 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
             timestep (`torch.Tensor` of shape `(batch,)`, or a scalar): The noise level as the scheduler gives it,
                 a float such as EDM's `c_noise = ln(sigma) / 4` or an integer DDPM step.
             class_labels (`torch.LongTensor` of shape `(batch,)`, *optional*): Class ids in `[0, num_classes]`,
-                `num_classes` being the null class. Required iff `num_classes > 0`.
+                `num_classes` being the null class. Required iff `num_classes > 0`. Their range is checked in eval
+                mode; in train mode no tensor value is read (see below).
             mask (`torch.BoolTensor` of shape `(batch, num_tokens)`, *optional*): `True` marks a removed token, in
                 row-major order of the `(height / patch_size) x (width / patch_size)` grid, the same count in every
                 sample. The encoder then computes only the visible tokens.
             return_dict (`bool`, defaults to `True`): Return a `MaskedDiTTransformer2DModelOutput` or a tuple
                 `(sample, mask)`.
+            num_masked (`int`, *optional*): The count of removed tokens per sample, when the caller knows it (e.g.
+                [`~diffusers_masked.masking.generated_mask_count`]); it must be the mask's. Without it the mask's
+                counts are read and checked, one device-to-host copy.
+
+        In train mode, given `num_masked`, the forward reads no tensor values, so a training step does not make the
+        host wait for the device and `torch.compile` sees one graph; the training scripts check the data's labels
+        once, before the first step.
         """
         timestep, class_labels = self._check_inputs(hidden_states, timestep, class_labels)
         batch, _, height, width = hidden_states.shape
@@ -419,7 +469,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         dtype = self.patch_embed.weight.dtype
 
         if mask is not None:
-            num_removed = check_mask(mask, batch, num_tokens)
+            num_removed = check_mask(mask, batch, num_tokens, num_masked)
             mask = mask.to(device)
         else:
             num_removed = 0
@@ -442,6 +492,10 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
             if num_removed:
                 full = self.mask_token.to(x.dtype).expand(batch, num_tokens, -1).clone()  # [B, N, D_dec]
                 x = full.scatter(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]), x)
+            elif self.training and torch.is_grad_enabled():
+                # Without removed tokens the mask token is idle; a zero-weight term keeps it in the graph (as the
+                # official code does), so that DDP need not search for unused parameters at every step.
+                x = x + 0.0 * self.mask_token.to(x.dtype).sum()
             x = x + self._positions(self.decoder_pos_embed, self.decoder_dim, grid_h, grid_w, device).to(x.dtype)
             x = self._run_blocks(self.decoder_blocks, x, cond)
             tokens = self.final_layer(x, cond)  # [B, N, p*p*C_out]

@@ -102,6 +102,8 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["norm"]
     _no_split_modules = ["UViTBlock"]
+    # What diffusers' regional compilation (`compile_repeated_blocks`) compiles.
+    _repeated_blocks = ["UViTBlock"]
 
     @register_to_config
     def __init__(
@@ -213,6 +215,7 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         class_labels: torch.LongTensor | None = None,
         mask: torch.BoolTensor | None = None,
         return_dict: bool = True,
+        num_masked: int | None = None,
     ) -> MaskedUViTTransformer2DModelOutput | tuple:
         """
         Args:
@@ -228,10 +231,18 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
                 output is zero at removed patches.
             return_dict (`bool`, defaults to `True`): Return a `MaskedUViTTransformer2DModelOutput` or a tuple
                 `(sample, mask)`.
+            num_masked (`int`, *optional*): The count of removed tokens per sample, when the caller knows it; as in
+                [`MaskedDiTTransformer2DModel.forward`], with it a train-mode forward reads no tensor values.
         """
         config = self.config
         timestep, class_labels = check_transformer_inputs(
-            hidden_states, timestep, class_labels, config.in_channels, config.patch_size, config.num_classes
+            hidden_states,
+            timestep,
+            class_labels,
+            config.in_channels,
+            config.patch_size,
+            config.num_classes,
+            check_values=not self.training,
         )
         batch, _, height, width = hidden_states.shape
         patch = config.patch_size
@@ -242,7 +253,7 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
                 f"got {height}x{width}"
             )
         num_tokens = self.grid_size[0] * self.grid_size[1]
-        num_removed = check_mask(mask, batch, num_tokens) if mask is not None else 0
+        num_removed = check_mask(mask, batch, num_tokens, num_masked) if mask is not None else 0
         if mask is not None:
             mask = mask.to(hidden_states.device)
         num_visible = num_tokens - num_removed

@@ -1,4 +1,4 @@
-"""MaskDiTPipeline: class-conditional sampling from a MaskDiT transformer with classifier-free guidance."""
+"""MaskDiTPipeline: sampling from a MaskDiT transformer, class-conditional with classifier-free guidance or unconditional."""
 
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
     _shim_module = "pipeline_maskdit"
-    _model_card_tags = ["maskdit", "class-conditional"]
     _paper = "https://arxiv.org/abs/2306.09305"
 
     def __init__(
@@ -61,6 +60,10 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
     @property
     def num_classes(self) -> int:
         return self.transformer.config.num_classes
+
+    @property
+    def _model_card_tags(self) -> list[str]:
+        return ["maskdit", "class-conditional" if self.num_classes else "unconditional"]
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map label names (see `id2label`) to class ids."""

@@ -119,13 +119,15 @@ class MaskedTrainingMixin:
         mask_ratio: float = 0.0,
         mae_loss_weight: float = 0.0,
         generator: torch.Generator | None = None,
+        num_masked: int | None = None,
     ) -> MaskedTrainingOutput:
         r"""
         Compute the masked training loss of `model` on a batch of clean samples.
 
         Args:
             model (`torch.nn.Module`):
-                A denoiser called as `model(sample, timestep, class_labels=..., mask=...)` returning an output with
+                A denoiser called as `model(sample, timestep, class_labels=..., mask=...)` (with a mask, also
+                `num_masked=`, the mask's count of removed tokens per sample) returning an output with
                 `.sample` of the input's shape, and with `model.config.patch_size` (a `DistributedDataParallel`
                 wrapper is looked through). For EDM it is the raw network $F$; for DDPM it predicts the target of
                 `prediction_type`.
@@ -145,6 +147,11 @@ class MaskedTrainingMixin:
                 Weight $\lambda$ of the MAE term in `loss = dsm_loss + mae_loss_weight * mae_loss` (MaskDiT uses 0.1).
             generator (`torch.Generator`, *optional*):
                 Source of every random draw, in the order documented on [`MaskedTrainingMixin`].
+            num_masked (`int`, *optional*):
+                The count of removed tokens per sample of a given `mask`, when the caller knows it (e.g.
+                [`~diffusers_masked.masking.generated_mask_count`]). With it, or with a mask drawn here, neither
+                this call nor the model's forward reads a tensor value, so the step never makes the host wait for
+                the device; without it the mask's counts are read and checked once.
 
         Returns:
             [`MaskedTrainingOutput`]: the loss (with gradient), its detached parts and the mask used.
@@ -172,7 +179,7 @@ class MaskedTrainingMixin:
         if mask is not None:
             if mask_ratio > 0:
                 raise ValueError(f"pass either mask or mask_ratio, not both (got a mask and mask_ratio={mask_ratio})")
-            num_removed = check_mask(mask, batch_size, num_tokens)
+            num_removed = check_mask(mask, batch_size, num_tokens, num_masked)
             mask = mask.to(device)
         elif mask_ratio > 0:
             mask = random_mask(batch_size, num_tokens, mask_ratio, generator=generator, device=device)
@@ -203,7 +210,9 @@ class MaskedTrainingMixin:
             class_labels = class_labels.to(device)
         # The model sees its input in the data's dtype (float32 unless the caller trains in pure half precision).
         model_input = model_input.to(clean_samples.dtype)
-        model_output = model(model_input, timestep, class_labels=class_labels, mask=model_mask).sample
+        # With a mask the model also gets its count, so that it need not read the mask to size its token gather.
+        mask_kwargs = {"mask": model_mask, "num_masked": num_removed} if model_mask is not None else {"mask": None}
+        model_output = model(model_input, timestep, class_labels=class_labels, **mask_kwargs).sample
         if tuple(model_output.shape) != tuple(clean_samples.shape):
             raise ValueError(
                 f"the model's output has shape {tuple(model_output.shape)} but clean_samples has "
@@ -290,7 +299,8 @@ def drop_class_labels(
 
     Args:
         class_labels (`torch.LongTensor` of shape `(batch,)`):
-            Class ids in `[0, num_classes]`.
+            Class ids in `[0, num_classes]`. Their values are not read (this runs at every training step, where a
+            read would make the host wait for the device); the data's labels are the caller's to check once.
         num_classes (`int`):
             The number of real classes; `num_classes` itself is the null ("unconditional") id.
         dropout_prob (`float`):
@@ -311,8 +321,6 @@ def drop_class_labels(
             f"{class_labels.dtype if isinstance(class_labels, torch.Tensor) else type(class_labels)} "
             f"{tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else ''}"
         )
-    if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > num_classes):
-        raise ValueError(f"class_labels must lie in [0, num_classes={num_classes}], got {class_labels.tolist()}")
     rand_device = generator.device if generator is not None else class_labels.device
     drop = torch.rand(class_labels.shape[0], generator=generator, device=rand_device).to(class_labels.device)
     return torch.where(drop < dropout_prob, torch.full_like(class_labels, num_classes), class_labels)
