@@ -10,7 +10,8 @@ The recipe (Lei et al. 2023): stage 1 trains the DDPM noise-prediction loss on t
 (patch, block or crop masks, a constant or staged ratio, e.g. 90% then 50%); stage 2 fine-tunes at mask ratio 0
 from stage 1's *online* weights with a fresh optimizer, warm-up and EMA, optionally on another dataset or a subset
 (`--max_train_samples`, the paper's 1% / 10% transfer runs). With both `--max_train_steps` and `--finetune_steps`
-one run does both: stage 1 into `<output_dir>/pretrain`, stage 2 into `<output_dir>`. With one of them 0 it does one
+one run does both: stage 1 into `<output_dir>-pretrain` (beside, so that the final folder holds one pipeline), stage 2
+into `<output_dir>`. With one of them 0 it does one
 stage; pass stage 2 `--pretrained_model_name_or_path` a stage-1 output folder or checkpoint.
 
 Each stage is resumable to the bit (`--resume_from_checkpoint latest`): batches, masks and noise are functions of
@@ -67,7 +68,7 @@ logger = get_logger(__name__)
 # MaskDM's names for the masks; "patch" is this package's "random".
 MASK_TYPES = {"patch": "random", "block": "block", "crop": "crop"}
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-PRETRAIN_DIR = "pretrain"
+PRETRAIN_SUFFIX = "-pretrain"
 
 # The built-in default: both stages on the digits, unconditional as the paper. Sized from per-step timings on two
 # shared CPU cores (docs/maskdm.md); every value can be overridden on the command line.
@@ -266,7 +267,7 @@ def stages_of(args) -> list[tuple[str, Path]]:
     """The stages this run trains and the folder of each."""
     output_dir = Path(args.output_dir)
     if args.max_train_steps and args.finetune_steps:
-        return [("pretrain", output_dir / PRETRAIN_DIR), ("finetune", output_dir)]
+        return [("pretrain", output_dir.parent / f"{output_dir.name}{PRETRAIN_SUFFIX}"), ("finetune", output_dir)]
     return [("pretrain" if args.max_train_steps else "finetune", output_dir)]
 
 
