@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusers_masked import MaskDMPipeline, MaskedDDPMScheduler, MaskedUViTTransformer2DModel
 from diffusers_masked.masking import generate_mask, parse_mask_schedule
+from diffusers_masked.models.masked_uvit import MASKDM_SIZES
 from diffusers_masked.schedulers.masked_training import drop_class_labels
 from diffusers_masked.training_utils import (
     ONLINE_DIR,
@@ -307,8 +308,12 @@ def build_model(args, start, in_channels: int, sample_size: int, num_classes: in
     if start is not None:
         model = load_start_model(start, MaskedUViTTransformer2DModel)
     else:
-        config = {"sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes}
-        config.update(args.model_config_resolved)
+        data_config = {"sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes}
+        # A preset names a size of model, not of data: it takes the data's; an explicit config must match it.
+        preset = args.model_config in MASKDM_SIZES
+        config = (
+            {**args.model_config_resolved, **data_config} if preset else {**data_config, **args.model_config_resolved}
+        )
         model = MaskedUViTTransformer2DModel(**config)
     config = model.config
     size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
