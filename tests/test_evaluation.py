@@ -241,6 +241,8 @@ def test_eval_results_go_into_a_model_card(cache_dir, classifier, digits):
 class DigitsReplayPipeline:
     """Stands in for MaskDiTPipeline: 'generates' real held-out digits of the requested class, as RGB."""
 
+    transformer = SimpleNamespace(config=SimpleNamespace(num_classes=10))
+
     def __init__(self, images, labels):
         self.by_class = {c: images[labels == c] for c in range(10)}
         self.calls = []
@@ -273,6 +275,30 @@ def test_evaluate_pipeline_can_return_exactly_the_evaluated_samples(cache_dir, c
     expected = torch.cat([replay([c] * n, 1.5, 40, None, "pt").images for c in range(10) for n in (2, 1)])
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
     assert results["num_fake"] == 30
+
+
+class UnconditionalReplayPipeline:
+    """Stands in for an unconditional MaskDMPipeline: 'generates' consecutive real held-out digits, as RGB."""
+
+    transformer = SimpleNamespace(config=SimpleNamespace(num_classes=0))
+
+    def __init__(self, images):
+        self.images, self.calls = images, []
+
+    def __call__(self, batch_size, num_inference_steps, generator, output_type):
+        start = sum(self.calls)
+        self.calls.append(batch_size)
+        return SimpleNamespace(images=self.images[start : start + batch_size].expand(-1, 3, -1, -1))
+
+
+def test_evaluate_unconditional_pipeline_draws_ten_times_per_class_without_accuracy(cache_dir, digits):
+    pipeline = UnconditionalReplayPipeline(digits.heldout)
+    results, images, labels = evaluate_pipeline_on_digits(
+        pipeline, num_samples_per_class=3, batch_size=2, cache_dir=cache_dir, return_samples=True
+    )
+    assert pipeline.calls == [2, 1] * 10 and labels is None
+    torch.testing.assert_close(images, digits.heldout[:30].expand(-1, 3, -1, -1), rtol=0, atol=0)
+    assert results["accuracy"] is None and results["guidance_scale"] is None and results["num_fake"] == 30
 
 
 def test_images_to_tensor_accepts_every_output_type():

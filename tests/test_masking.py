@@ -128,7 +128,12 @@ def test_cosine_power_schedule_endpoints_are_maskdit_cosine_ratio():
 
 def test_linear_and_constant_and_staged_schedules_hit_their_endpoints():
     lin = LinearMaskSchedule(num_steps=10, start_ratio=0.9, end_ratio=0.5)
-    assert lin(0) == 0.9 and lin(10) == pytest.approx(0.5) and lin(5) == pytest.approx(0.7) and lin(99) == pytest.approx(0.5)
+    assert (
+        lin(0) == 0.9
+        and lin(10) == pytest.approx(0.5)
+        and lin(5) == pytest.approx(0.7)
+        and lin(99) == pytest.approx(0.5)
+    )
     assert ConstantMaskSchedule(0.3)(12345) == 0.3
     staged = StagedMaskSchedule([(100, 0.9), (200, 0.5)])
     assert [staged(s) for s in (0, 99, 100, 199, 200, 10**6)] == [0.9, 0.9, 0.5, 0.5, 0.5, 0.5]
@@ -165,3 +170,18 @@ def test_parse_mask_schedule_reads_numbers_json_and_rejects_garbage():
         parse_mask_schedule('{"type": "staged", "stages": [[9, 0.9], [5, 0.5]]}')
     with pytest.raises(ValueError, match="num_steps"):
         parse_mask_schedule('{"type": "cosine_power", "num_steps": 0}')
+
+
+def test_staged_ratios_string_gives_each_range_its_ratio_and_the_open_last_one_for_good():
+    from diffusers_masked.masking import parse_mask_schedule
+
+    schedule = parse_mask_schedule("0.9@0-200000,0.5@200000-")
+    assert [schedule(s) for s in (0, 199_999, 200_000, 10**7)] == [0.9, 0.9, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("spec", ["0.9@0-100,0.5@200-", "0.9@0-,0.5@100-", "0.9@10-100", "0.9-0-100", "1.0@0-"])
+def test_staged_ratios_with_gaps_open_middles_or_bad_ratios_are_refused(spec):
+    from diffusers_masked.masking import parse_mask_schedule
+
+    with pytest.raises(ValueError):
+        parse_mask_schedule(spec)

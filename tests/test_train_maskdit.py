@@ -4,25 +4,21 @@ The machinery it shares with the other training scripts is tested in test_traini
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from diffusers_masked.training_utils import SHARDED_EMA_DIR, TRAINING_STATE_FILE, list_checkpoints
+from tests.launch import assert_same_weights, env, kill_when, launch, launch_cmd, weights
 from tests.tiny import tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_maskdit.py"
-FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu.py"
 TINY_MODEL = json.dumps(
     {
         "patch_size": 2,
@@ -60,44 +56,17 @@ def _load_script():
 train = _load_script()
 
 
-def _env(**extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    return env
-
-
 def _launch_cmd(*args, num_processes=1, fsdp=False):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--dynamo_backend", "no", "--num_processes", str(num_processes)]
-    if num_processes > 1:
-        cmd += ["--multi_gpu"]  # with ACCELERATE_USE_CPU=true: torchrun + gloo on the CPU
-    if fsdp:
-        cmd += [str(FSDP_ON_CPU)]  # runs the script with accelerate's state switched to FSDP (2 by default)
-    return cmd + [str(SCRIPT), *TINY_RUN, *args]
+    return launch_cmd(SCRIPT, *TINY_RUN, *args, num_processes=num_processes, fsdp=fsdp)
 
 
 def _launch(*args, num_processes=1, fsdp=False, timeout=600, check=True, **extra_env):
-    env = _env(ACCELERATE_USE_CPU="true", **extra_env)
-    result = subprocess.run(
-        _launch_cmd(*args, num_processes=num_processes, fsdp=fsdp),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    return launch(
+        SCRIPT, *TINY_RUN, *args, num_processes=num_processes, fsdp=fsdp, timeout=timeout, check=check, **extra_env
     )
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-6000:]}")
-    return result
 
 
-def _weights(path):
-    return load_file(str(path))
-
-
-def _assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+_env, _weights, _assert_same_weights = env, weights, assert_same_weights
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -198,7 +167,9 @@ def test_tiny_run_leaves_a_loadable_pipeline_grid_card_logs_and_limited_checkpoi
 @pytest.mark.slow
 def test_resume_from_latest_continues_the_step_count(tmp_path):
     out = tmp_path / "run"
-    _launch("--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2")
+    _launch(
+        "--output_dir", str(out), "--max_train_steps", "3", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2"
+    )
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
     result = _launch(
         "--output_dir", str(out),
@@ -218,22 +189,7 @@ def test_kill_minus_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(
     _launch("--output_dir", str(reference), *common)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _launch_cmd("--output_dir", str(killed), *common),
-        env=_env(ACCELERATE_USE_CPU="true"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-30").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint-30 within 300 s"
-        time.sleep(0.02)
-    still_running = process.poll() is None
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert still_running, "the run finished before the kill; the test proved nothing"
+    kill_when(SCRIPT, [*TINY_RUN, "--output_dir", str(killed), *common], killed / "checkpoint-30")
     assert not (killed / "model_index.json").exists()
 
     result = _launch("--output_dir", str(killed), *common, "--resume_from_checkpoint", "latest")
@@ -243,7 +199,8 @@ def test_kill_minus_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(
         _weights(reference / "transformer" / "diffusion_pytorch_model.safetensors"),
     )
     _assert_same_weights(
-        _weights(killed / "checkpoint-80" / "model.safetensors"), _weights(reference / "checkpoint-80" / "model.safetensors")
+        _weights(killed / "checkpoint-80" / "model.safetensors"),
+        _weights(reference / "checkpoint-80" / "model.safetensors"),
     )
 
 
@@ -261,10 +218,22 @@ def test_two_process_ddp_runs_both_phases_without_searching_for_unused_parameter
     assert (out / "model_index.json").exists()
     # Each rank writes its own random state into the checkpoint; the folder must be renamed only after both have.
     for checkpoint in list_checkpoints(out):
-        assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+        assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        }
 
 
-FSDP_RUN = ["--train_batch_size", "8", "--unmask_tuning_steps", "0", "--checkpointing_steps", "2", "--validation_steps", "2"]
+FSDP_RUN = [
+    "--train_batch_size",
+    "8",
+    "--unmask_tuning_steps",
+    "0",
+    "--checkpointing_steps",
+    "2",
+    "--validation_steps",
+    "2",
+]
 
 
 @pytest.mark.slow
@@ -318,7 +287,15 @@ def test_resuming_with_a_longer_run_follows_the_new_learning_rate_schedule(tmp_p
     common = ["--unmask_tuning_steps", "0", "--checkpointing_steps", "2", "--lr_warmup_steps", "10"]
     _launch("--output_dir", str(tmp_path / "full"), *common, "--max_train_steps", "4")
     _launch("--output_dir", str(tmp_path / "split"), *common, "--max_train_steps", "2")
-    _launch("--output_dir", str(tmp_path / "split"), *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    _launch(
+        "--output_dir",
+        str(tmp_path / "split"),
+        *common,
+        "--max_train_steps",
+        "4",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     final = "transformer/diffusion_pytorch_model.safetensors"
     _assert_same_weights(_weights(tmp_path / "split" / final), _weights(tmp_path / "full" / final))
 
@@ -355,7 +332,9 @@ def test_a_corrupt_image_in_an_imagefolder_fails_naming_the_file(tmp_path):
     data = tmp_path / "data"
     _write_imagefolder(data)
     (data / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    result = _launch("--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", check=False)
+    result = _launch(
+        "--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", check=False
+    )
     assert result.returncode != 0
     assert "broken.png" in result.stderr
 
@@ -411,7 +390,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 def finished_run(tmp_path_factory):
     """A finished 2-step run with checkpoints at steps 1 and 2; tests copy it before changing anything."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    _launch("--output_dir", str(out), "--max_train_steps", "2", "--unmask_tuning_steps", "0", "--checkpointing_steps", "1")
+    _launch(
+        "--output_dir", str(out), "--max_train_steps", "2", "--unmask_tuning_steps", "0", "--checkpointing_steps", "1"
+    )
     return out
 
 
@@ -484,7 +465,9 @@ def test_a_new_run_into_a_folder_with_another_runs_checkpoints_is_refused(finish
 
 @pytest.mark.slow
 def test_num_classes_below_the_datas_labels_is_refused_before_training(tmp_path):
-    result = _launch("--output_dir", str(tmp_path / "run"), "--num_classes", "9", "--max_train_steps", "2", check=False)
+    result = _launch(
+        "--output_dir", str(tmp_path / "run"), "--num_classes", "9", "--max_train_steps", "2", check=False
+    )
     assert result.returncode != 0 and "num_classes is 9 but the data has labels up to 9" in result.stderr
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 

@@ -404,13 +404,44 @@ def mask_schedule_from_dict(config: dict) -> MaskSchedule:
         raise ValueError(f"bad arguments for the {kind!r} mask schedule: {kwargs!r} ({err})") from err
 
 
+def parse_staged_ratios(spec: str) -> StagedMaskSchedule:
+    """Read MaskDM's staged ratios written as ``"ratio@start-end,..."``, e.g. ``"0.9@0-200000,0.5@200000-"``: the
+    ranges must start at 0 and follow each other; only the last may be open (its ratio then holds for good)."""
+    stages, expected_start = [], 0
+    parts = [part.strip() for part in spec.split(",")]
+    for i, part in enumerate(parts):
+        try:
+            ratio, steps = part.split("@")
+            start, end = steps.split("-")
+            ratio, start = float(ratio), int(start)
+            end = int(end) if end.strip() else None
+        except ValueError:
+            raise ValueError(
+                f"mask schedule stages must read 'ratio@start-end', e.g. '0.9@0-200000,0.5@200000-'; got {part!r}"
+            ) from None
+        if start != expected_start:
+            raise ValueError(
+                f"mask schedule stage {part!r} starts at {start}, expected {expected_start} (stages must follow each other from 0)"
+            )
+        if end is None and i != len(parts) - 1:
+            raise ValueError(f"only the last mask schedule stage may be open-ended, got {part!r}")
+        # An open last stage holds its ratio from `start` on: StagedMaskSchedule keeps the last ratio after its end.
+        end = start + 1 if end is None else end
+        stages.append((end, ratio))
+        expected_start = end
+    return StagedMaskSchedule(stages)
+
+
 def parse_mask_schedule(spec: str | dict | float | None, default_ratio: float = 0.5) -> MaskSchedule:
     """Read a schedule from a command-line value: ``None`` (constant ``default_ratio``), a number (constant), a
-    JSON object such as ``'{"type": "staged", "stages": [[5000, 0.9], [10000, 0.5]]}'``, or a dict."""
+    JSON object such as ``'{"type": "staged", "stages": [[5000, 0.9], [10000, 0.5]]}'``, staged ratios such as
+    ``"0.9@0-200000,0.5@200000-"`` (`parse_staged_ratios`), or a dict."""
     if spec is None:
         return ConstantMaskSchedule(default_ratio)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return ConstantMaskSchedule(float(spec))
+    if isinstance(spec, str) and "@" in spec:
+        return parse_staged_ratios(spec)
     if isinstance(spec, str):
         try:
             value = json.loads(spec)

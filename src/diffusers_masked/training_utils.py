@@ -9,8 +9,10 @@
   resumes from its last complete checkpoint and ends with the weights of an uninterrupted run.
 - EMA (`save_sharded_ema`, `load_sharded_ema`, `ema_weights`, `export_ema_model`): diffusers' `EMAModel`, also
   when its shadow parameters are FSDP2 shards.
-- Data (`load_training_data`), sample grids (`sample_grid`, `image_grid`), and process set-up
-  (`configure_cpu_threads`, `check_distributed_launch`, `check_ranks_agree`).
+- Data (`load_training_data`), sample grids (`sample_grid`, `image_grid`), and process
+  set-up (`configure_cpu_threads`, `check_distributed_launch`, `check_ranks_agree`).
+- A run from start to end (`setup_accelerator`, `start_run`, `load_start_model`, `train_phases`,
+  `save_validation_grid`, `evaluate_on_digits`, `publish_run`): what a training script's `main()` calls in order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import pickle
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -131,7 +134,9 @@ def build_phases(
             last_ratio = mask_schedule(max(masked_steps - 1, 0))
             schedule = CosinePowerMaskSchedule(num_steps=unmask_steps, initial_ratio=last_ratio, power=4)
         phases.append(
-            Phase("unmask", masked_steps, masked_steps + unmask_steps, unmask_batch_size, unmask_learning_rate, schedule)
+            Phase(
+                "unmask", masked_steps, masked_steps + unmask_steps, unmask_batch_size, unmask_learning_rate, schedule
+            )
         )
     return phases
 
@@ -230,7 +235,11 @@ def read_training_state(checkpoint: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is missing: {path.parent} is not a complete checkpoint") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is damaged ({err}); {_EARLIER_CHECKPOINT}") from err
-    missing = [key for key in ("global_step", "run_id", "model_config") if key not in state] if isinstance(state, dict) else None
+    missing = (
+        [key for key in ("global_step", "run_id", "model_config") if key not in state]
+        if isinstance(state, dict)
+        else None
+    )
     if missing is None or missing or not isinstance(state["global_step"], int) or state["global_step"] < 0:
         raise ValueError(
             f"{path} is not a training state of this version (it needs global_step, run_id and model_config; "
@@ -336,7 +345,15 @@ def _fsync_dir(path) -> None:
         os.close(descriptor)
 
 
-_EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+_EMA_STATE_KEYS = (
+    "decay",
+    "min_decay",
+    "optimization_step",
+    "update_after_step",
+    "use_ema_warmup",
+    "inv_gamma",
+    "power",
+)
 
 
 def save_ema(ema, folder: str | os.PathLike) -> None:
@@ -382,7 +399,9 @@ def _diff(expected: dict, found: dict) -> str:
     if unexpected := sorted(set(found) - set(expected)):
         parts.append(f"unexpected {unexpected[:5]}")
     if changed := [key for key in expected if key in found and expected[key] != found[key]]:
-        parts.append("different " + ", ".join(f"{key}: {found[key]} instead of {expected[key]}" for key in changed[:5]))
+        parts.append(
+            "different " + ", ".join(f"{key}: {found[key]} instead of {expected[key]}" for key in changed[:5])
+        )
     return "; ".join(parts)
 
 
@@ -396,7 +415,9 @@ def save_sharded_ema(accelerator, ema, folder: str | os.PathLike) -> None:
     shadows = {f"shadow_{i}": tensor for i, tensor in enumerate(state.pop("shadow_params"))}
     dcp.save(shadows, checkpoint_id=str(folder / SHARDED_EMA_DIR))
     if accelerator.is_main_process:
-        (folder / SHARDED_EMA_DIR / EMA_STATE_FILE).write_text(json.dumps({key: state[key] for key in _EMA_STATE_KEYS}))
+        (folder / SHARDED_EMA_DIR / EMA_STATE_FILE).write_text(
+            json.dumps({key: state[key] for key in _EMA_STATE_KEYS})
+        )
 
 
 def load_sharded_ema(ema, folder: str | os.PathLike) -> None:
@@ -441,7 +462,9 @@ _DCP_METADATA_GLOBALS = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a checkpoint index never holds")
 
@@ -559,11 +582,15 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.Path
 def check_model_config(recorded: dict, model_config) -> None:
     """Refuse to resume a checkpoint into a model of another configuration (same shapes can hide it: 2 heads of
     16 and 4 of 8 load the same weights), naming the keys that differ."""
-    current = json.loads(json.dumps({k: v for k, v in dict(model_config).items() if not k.startswith("_")}, default=str))
+    current = json.loads(
+        json.dumps({k: v for k, v in dict(model_config).items() if not k.startswith("_")}, default=str)
+    )
     recorded = {k: v for k, v in recorded.items() if not k.startswith("_")}
     differing = sorted(key for key in set(current) | set(recorded) if current.get(key) != recorded.get(key))
     if differing:
-        details = ", ".join(f"{key}: {recorded.get(key)!r} in the checkpoint, {current.get(key)!r} now" for key in differing)
+        details = ", ".join(
+            f"{key}: {recorded.get(key)!r} in the checkpoint, {current.get(key)!r} now" for key in differing
+        )
         raise ValueError(f"the checkpoint was trained with another model config ({details}); resume with its config")
 
 
@@ -628,7 +655,7 @@ def ema_weights(ema, model: torch.nn.Module, sharded: bool = False):
         model.train()
 
 
-def export_ema_model(accelerator, model, ema, model_cls, sharded_ema=None):
+def export_ema_model(accelerator, model, ema, model_cls, sharded_ema=None, return_online=False):
     """The final model with the EMA weights (or the raw ones without EMA), in eval mode, on the main process;
     `None` on the others. Every rank calls this: under FSDP it gathers the shards (collectives).
 
@@ -638,17 +665,25 @@ def export_ema_model(accelerator, model, ema, model_cls, sharded_ema=None):
         ema (`EMAModel`, *optional*): its moving average.
         model_cls (`type`): the model's class; the export is ``model_cls.from_config(config)``.
         sharded_ema (`EMAModel`, *optional*): `ema` when its shadow parameters are FSDP shards.
+        return_online (`bool`, defaults to `False`): return ``(ema_model, online_model)``, the second with the
+            trained weights themselves (what a following fine-tuning starts from); ``(None, None)`` off the main
+            process.
     """
     state_dict = accelerator.get_state_dict(model)
     if sharded_ema is not None:
         sharded_ema.shadow_params = [shadow.full_tensor() for shadow in sharded_ema.shadow_params]
     if not accelerator.is_main_process:
-        return None
+        return (None, None) if return_online else None
     final_model = model_cls.from_config(accelerator.unwrap_model(model).config)
     final_model.load_state_dict(state_dict)
+    online = None
+    if return_online:
+        online = model_cls.from_config(final_model.config)
+        online.load_state_dict(state_dict)
+        online.eval()
     if ema is not None:
         ema.copy_to(final_model.parameters())
-    return final_model.eval()
+    return (final_model.eval(), online) if return_online else final_model.eval()
 
 
 def check_ranks_agree(accelerator, model) -> None:
@@ -815,7 +850,8 @@ def load_training_data(
         latent_cache_dir (`str` or `os.PathLike`, *optional*): where the latents are cached; required with `vae`.
         latent_batch_size (`int`, defaults to 32): batch size of the extraction.
         num_classes (`int`, *optional*): the model's classes; checked against the labels before any image is
-            decoded (`check_labels`). Defaults to the data's; 0 trains unconditionally (labels are not read).
+            decoded (`check_labels`). Defaults to the data's; 0 trains unconditionally: no labels are read
+            (`label_column` is ignored, the digits' are dropped).
         num_workers (`int`, defaults to 0): `DataLoader` workers of the latent extraction.
     """
     builtin_digits = dataset_name is None and train_data_dir is None
@@ -824,13 +860,15 @@ def load_training_data(
             raise ValueError("a VAE needs image data (a dataset or an image folder); the built-in digits are pixels")
         dataset, id2label = load_digits_dataset(resolution=resolution, split="train", seed=0, holdout_fraction=0.2)
         num_channels = 1
+        if num_classes == 0:
+            dataset, id2label = dataset.remove_columns("label"), None
     else:
         dataset, id2label = load_image_dataset(
             dataset_name=dataset_name,
             dataset_config_name=dataset_config_name,
             train_data_dir=train_data_dir,
             image_column=image_column,
-            label_column=label_column,
+            label_column=label_column if num_classes != 0 else None,
             cache_dir=cache_dir,
         )
         num_channels = 3
@@ -841,7 +879,9 @@ def load_training_data(
         with accelerator.main_process_first():
             verify_images(dataset)
 
-    transform = build_transforms(resolution, center_crop=not random_crop, random_flip=random_flip, num_channels=num_channels)
+    transform = build_transforms(
+        resolution, center_crop=not random_crop, random_flip=random_flip, num_channels=num_channels
+    )
     if not vae:
         dataset = dataset.with_transform(make_preprocess(transform))
         return TrainingData(dataset, id2label, collate_fn, num_channels, resolution, num_classes)
@@ -907,7 +947,9 @@ def resolve_model_config(spec: str, model_cls) -> dict:
                 raise ValueError(f"no such config file: {text} (nor is it a preset: {err})") from None
             raise
     if not isinstance(config, dict):
-        raise ValueError(f"{source} must be a JSON object of {model_cls.__name__} arguments, got {type(config).__name__}")
+        raise ValueError(
+            f"{source} must be a JSON object of {model_cls.__name__} arguments, got {type(config).__name__}"
+        )
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     accepted = set(inspect.signature(model_cls.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - accepted)
@@ -1087,3 +1129,340 @@ def finite_float(low: float = -math.inf, high: float = math.inf, low_open: bool 
         return value
 
     return parse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run, from start to end
+# ---------------------------------------------------------------------------------------------------------
+
+ONLINE_DIR = "online"
+
+
+def setup_accelerator(
+    output_dir: str | os.PathLike,
+    *,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str | None = None,
+    report_to: str = "tensorboard",
+    logging_dir: str = "logs",
+    use_ema: bool = True,
+    cpu_threads: int | None = None,
+    seed: int = 0,
+    find_unused_parameters: bool = False,
+):
+    """The run's `Accelerator` and whether it shards the model (FSDP), after the checks every script needs: as many
+    processes set up as launched, EMA only under FSDP version 2, this process's share of the CPU cores, the seed.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the run's folder; TensorBoard logs go to ``output_dir/logging_dir``.
+        gradient_accumulation_steps, mixed_precision: passed to `Accelerator`.
+        report_to (`str`, defaults to ``"tensorboard"``): a tracker name, or ``"none"``.
+        logging_dir (`str`, defaults to ``"logs"``): the trackers' folder inside `output_dir`.
+        use_ema (`bool`, defaults to `True`): the run keeps an EMA (refused under FSDP version 1).
+        cpu_threads (`int`, *optional*): see `configure_cpu_threads`.
+        seed (`int`, defaults to 0): `accelerate.utils.set_seed`.
+        find_unused_parameters (`bool`, defaults to `False`): DDP's option, for models with parameters a step may
+            not use (MaskDiT's mask token in the unmasking phase).
+
+    Returns:
+        `tuple`: ``(accelerator, sharded)``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=report_to if report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_distributed_launch(accelerator)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and use_ema and not accelerator.is_fsdp2:
+        raise ValueError(
+            "--use_ema under FSDP needs FSDP version 2 (fsdp_version: 2 in the accelerate config), whose sharded "
+            "parameters the EMA follows shard by shard; with FSDP version 1 pass --no-use_ema"
+        )
+    if accelerator.device.type == "cpu":
+        logger.info(f"CPU training: {configure_cpu_threads(cpu_threads)} torch thread(s) per process")
+    set_seed(seed)
+    return accelerator, sharded
+
+
+@dataclass
+class RunStart:
+    """What `start_run` found.
+
+    Args:
+        lock: the output folder's lock; keep it referenced for the run's lifetime.
+        resume_path (`Path`, *optional*): the checkpoint to resume, `None` for a new run.
+        resumed_state (`dict`, *optional*): its training state (`read_training_state`).
+        run_id (`str`): the run's lineage: the checkpoint's, or a new one.
+    """
+
+    lock: Any
+    resume_path: Path | None
+    resumed_state: dict | None
+    run_id: str
+
+
+def start_run(accelerator, output_dir, resume_from_checkpoint: str | None, use_ema: bool, sharded: bool) -> RunStart:
+    """Claim `output_dir` for this run (`lock_output_dir`), find and check the checkpoint to resume before any work
+    (nothing in it can run code: `check_checkpoint`), and refuse a folder holding another run's checkpoints
+    (`check_lineage`). Every rank calls this."""
+    lock = lock_output_dir(accelerator, output_dir)
+    resume_path = resolve_resume(resume_from_checkpoint, output_dir)
+    resumed_state = check_checkpoint(resume_path, ema=use_ema, sharded=sharded) if resume_path else None
+    run_id = resumed_state["run_id"] if resumed_state else new_run_id()  # used by the main process only
+    lineage_error = None
+    if accelerator.is_main_process:
+        lineage_error = check_lineage(output_dir, run_id, resuming=resumed_state is not None)
+    raise_on_every_rank(accelerator, lineage_error)
+    return RunStart(lock, resume_path, resumed_state, run_id)
+
+
+def start_model_config(path: str | os.PathLike, model_cls) -> dict:
+    """The config of the model `load_start_model` loads from `path`, without loading weights."""
+    kind, location = _start_model_source(path)
+    if kind == "checkpoint":
+        return dict(read_training_state(location)["model_config"])
+    return dict(model_cls.load_config(location[0], subfolder=location[1]))
+
+
+def _start_model_source(path):
+    folder = Path(path)
+    if (folder / ONLINE_DIR / "config.json").is_file():
+        return "saved", (str(folder / ONLINE_DIR), None)
+    if (folder / TRAINING_STATE_FILE).is_file():
+        return "checkpoint", folder
+    return "saved", (str(path), "transformer" if (folder / "transformer").is_dir() else None)
+
+
+def load_start_model(path: str | os.PathLike, model_cls):
+    """The model a run starts from, with the *trained* (online) weights where there are both.
+
+    `path` is one of: a training output folder that saved its online weights (``online/``, as
+    `publish_run` writes them), a ``checkpoint-N`` folder (its ``model.safetensors`` and recorded model config;
+    a sharded FSDP checkpoint is refused: use its run's output folder), or a saved model or pipeline folder or Hub
+    id (its ``transformer`` subfolder if it has one).
+
+    Raises:
+        ValueError: for a sharded checkpoint, or one whose weights do not fit its recorded config.
+    """
+    kind, location = _start_model_source(path)
+    if kind == "saved":
+        return model_cls.from_pretrained(location[0], subfolder=location[1])
+    from safetensors.torch import load_file
+
+    weights = location / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(
+            f"{location} holds no model.safetensors (a sharded FSDP checkpoint?); start from its run's output folder, "
+            f"which holds the gathered online weights in {ONLINE_DIR}/"
+        )
+    model = model_cls.from_config(read_training_state(location)["model_config"])
+    state_dict = load_file(str(weights))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if found != expected:
+        raise ValueError(f"{weights} does not fit the checkpoint's model config: {_diff(expected, found)}")
+    model.load_state_dict(state_dict)
+    return model
+
+
+def train_phases(
+    accelerator,
+    model,
+    optimizer,
+    ema,
+    phases: Sequence[Phase],
+    dataset,
+    collate_fn: Callable,
+    *,
+    global_step: int,
+    seed: int,
+    compute_loss: Callable,
+    log_keys: Sequence[str],
+    after_step: Callable[[int], None],
+    progress=None,
+    gradient_accumulation_steps: int = 1,
+    max_grad_norm: float | None = None,
+    num_workers: int = 0,
+    log_step_offset: int = 0,
+) -> int:
+    """The training loop, phase by phase, from `global_step` to the last phase's end; returns the step reached.
+
+    Each optimizer step: the learning rate from `learning_rate_at`, a `step_generator`, then per micro-batch
+    ``out = compute_loss(batch, generator, mask_ratio, phase)`` (called under `accelerator.autocast`; `out.loss`
+    is backpropagated, the `log_keys` attributes logged), a check that every rank's loss is finite, gradient
+    clipping, the optimizer step and the EMA update; then ``after_step(global_step)`` (checkpoints, validation).
+    Batches come from `StepBatchSampler`, so the run is a function of (`seed`, step, process).
+
+    Raises:
+        FloatingPointError: on every rank, at the first non-finite loss, before anything is saved after it.
+    """
+    from torch.utils.data import DataLoader
+
+    for phase in phases:
+        if global_step >= phase.end:
+            continue
+        sampler = StepBatchSampler(
+            len(dataset),
+            phase.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            seed=seed + 7919 * list(phases).index(phase),
+            start_batch=(global_step - phase.start) * gradient_accumulation_steps,
+        )
+        batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers))
+        model.train()
+        while global_step < phase.end:
+            tic = time.perf_counter()
+            generator = step_generator(seed, global_step, accelerator.process_index, accelerator.device)
+            learning_rate = learning_rate_at(phases, global_step)
+            set_learning_rate(optimizer, learning_rate)
+            mask_ratio = phase.ratio(global_step)
+            logs = dict.fromkeys(log_keys, 0.0)
+            for _ in range(gradient_accumulation_steps):
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = compute_loss(batch, generator, mask_ratio, phase)
+                    finite = torch.isfinite(out.loss.detach()).float()
+                    if accelerator.gather(finite[None]).min() < 1:
+                        raise FloatingPointError(
+                            f"non-finite loss at step {global_step} ({phase.name} phase, mask ratio {mask_ratio:.3f}); "
+                            "nothing was saved after it - resume with --resume_from_checkpoint latest after lowering "
+                            "--learning_rate or setting --max_grad_norm"
+                        )
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key in logs:
+                    logs[key] += getattr(out, key).detach().float().item() / gradient_accumulation_steps
+
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            elapsed = time.perf_counter() - tic
+            logs.update(
+                mask_ratio=mask_ratio,
+                lr=learning_rate,
+                images_per_second=phase.batch_size * gradient_accumulation_steps * accelerator.num_processes / elapsed,
+            )
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", r=f"{mask_ratio:.2f}")
+            accelerator.log(logs, step=log_step_offset + global_step)
+            after_step(global_step)
+    return global_step
+
+
+def save_validation_grid(accelerator, grid, output_dir: str | os.PathLike, global_step: int, tag: str = "validation"):
+    """Write a validation grid to ``output_dir/validation/step-N.png`` and to TensorBoard (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    folder = Path(output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / f"step-{global_step:07d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images(tag, np.asarray(grid)[None], global_step, dataformats="NHWC")
+
+
+def evaluate_on_digits(
+    pipeline,
+    output_dir: str | os.PathLike,
+    *,
+    num_samples_per_class: int,
+    resolution: int,
+    seed: int,
+    grid_rows: int,
+    grid_cols: int,
+    cache_dir=None,
+    **sampling_kwargs,
+):
+    """The built-in digits run's final evaluation (`evaluate_pipeline_on_digits`: FID against the real set, the
+    real-vs-real floor and, class-conditional, the accuracy), written to ``eval_results.json``.
+
+    Returns:
+        `tuple`: ``(metrics, eval_results, grid)``: the numbers, their model-card entries, and a grid of exactly the
+        samples evaluated (class-conditional: the first `grid_cols` of the first `grid_rows` classes; unconditional:
+        the first `grid_rows * grid_cols`), or `None` if fewer were drawn.
+    """
+    from diffusers.utils import numpy_to_pil
+
+    from .evaluation import eval_results_for_model_card, evaluate_pipeline_on_digits
+
+    metrics, samples, labels = evaluate_pipeline_on_digits(
+        pipeline,
+        num_samples_per_class=num_samples_per_class,
+        resolution=resolution,
+        generator=torch.Generator().manual_seed(seed),
+        cache_dir=cache_dir,
+        return_samples=True,
+        **sampling_kwargs,
+    )
+    if labels is not None:  # samples come class by class
+        chosen = torch.cat([samples[c * num_samples_per_class :][:grid_cols] for c in range(grid_rows)])
+        enough = grid_cols <= num_samples_per_class
+    else:
+        chosen = samples[: grid_rows * grid_cols]
+        enough = grid_rows * grid_cols <= len(samples)
+    grid = (
+        image_grid(numpy_to_pil(chosen.permute(0, 2, 3, 1).cpu().numpy()), rows=grid_rows, cols=grid_cols)
+        if enough
+        else None
+    )
+    Path(output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    logger.info("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics, eval_results_for_model_card(metrics), grid
+
+
+def publish_run(
+    pipeline,
+    output_dir: str | os.PathLike,
+    *,
+    grid,
+    training_config: dict,
+    dataset_name: str,
+    eval_results: list | None = None,
+    online_model=None,
+    repo_id: str | None = None,
+    push_to_hub: bool = False,
+    hub_token: str | None = None,
+):
+    """The run's result in `output_dir` (main process only): ``samples.png``, the online weights in ``online/``
+    (if given: what a following fine-tuning starts from, see `load_start_model`), and the pipeline with its model
+    card, published atomically (`publish_pipeline`); then optionally pushed to the Hub."""
+    output_dir = Path(output_dir)
+    grid.save(output_dir / "samples.png")
+    if online_model is not None:
+        staging = output_dir / f".partial-{ONLINE_DIR}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        online_model.save_pretrained(staging)
+        fsync_tree(staging)
+        if (output_dir / ONLINE_DIR).exists():
+            shutil.rmtree(output_dir / ONLINE_DIR)
+        os.replace(staging, output_dir / ONLINE_DIR)
+        _fsync_dir(output_dir)
+    repo_id = repo_id or output_dir.name
+    card = pipeline.create_model_card(
+        repo_id,
+        training_config=training_config,
+        eval_results=eval_results or None,
+        dataset_name=dataset_name,
+        sample_image="samples.png",
+    )
+    publish_pipeline(pipeline, output_dir, model_card=card)
+    logger.info(f"saved the EMA pipeline, samples.png and the model card to {output_dir}")
+    if push_to_hub:
+        pipeline.push_to_hub(repo_id, model_card=card, token=hub_token)

@@ -439,11 +439,13 @@ def evaluate_pipeline_on_digits(
     allow_download: bool = False,
     return_samples: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Generate ``num_samples_per_class`` digits of each class with a class-conditional pipeline and evaluate them.
+    """Generate ``num_samples_per_class`` digits of each class with a class-conditional pipeline and evaluate them;
+    an unconditional pipeline (its transformer has ``num_classes=0``) draws ``10 * num_samples_per_class`` digits.
 
-    The pipeline is called as ``pipeline(class_labels=[c] * n, guidance_scale=..., num_inference_steps=...,
-    generator=..., output_type="pt").images`` (the `MaskDiTPipeline` interface), in batches of at most
-    ``batch_size``. The real reference is the digits' ``"train"`` split and the floor uses the ``"heldout"``
+    A class-conditional pipeline is called as ``pipeline(class_labels=[c] * n, guidance_scale=...,
+    num_inference_steps=..., generator=..., output_type="pt").images`` (the `MaskDiTPipeline` interface), an
+    unconditional one as ``pipeline(batch_size=n, num_inference_steps=..., generator=..., output_type="pt")`` (the
+    `MaskDMPipeline` interface; no accuracy, no guidance), in batches of at most ``batch_size``. The real reference is the digits' ``"train"`` split and the floor uses the ``"heldout"``
     split (`load_digits_dataset(..., seed=seed, holdout_fraction=0.2)`, 360 images), so train the model on the
     ``"train"`` split to keep the floor honest. The default of 36 per class makes the fake set as large as the
     held-out set, so ``fid`` and ``fid_floor`` have the same sample-size bias.
@@ -459,34 +461,34 @@ def evaluate_pipeline_on_digits(
         feature_extractor, seed, device, cache_dir, inception_weights_path, allow_download: see
             `evaluate_digits_samples`.
         return_samples (`bool`, defaults to `False`): also return the generated images ``(N, C, H, W)`` in
-            ``[0, 1]`` and their labels ``(N,)``, class by class (e.g. to show exactly what was evaluated).
+            ``[0, 1]`` and their labels ``(N,)``, class by class (e.g. to show exactly what was evaluated); the labels
+            are `None` for an unconditional pipeline.
 
     Returns:
         `dict`: `evaluate_digits_samples`' results plus the sampling settings; with ``return_samples=True``, the
         tuple ``(results, images, labels)``.
     """
     images, labels = [], []
-    for label in range(10):
+    conditional = pipeline.transformer.config.num_classes > 0
+    for label in range(10) if conditional else [None] * 10:
         remaining = num_samples_per_class
         while remaining > 0:
             n = min(batch_size, remaining)
-            output = pipeline(
-                class_labels=[label] * n,
-                guidance_scale=guidance_scale,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                output_type="pt",
+            call = (
+                {"class_labels": [label] * n, "guidance_scale": guidance_scale} if conditional else {"batch_size": n}
             )
+            output = pipeline(**call, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
             images.append(images_to_tensor(output.images))
             labels += [label] * n
             remaining -= n
     fake_images = torch.cat(images)
+    labels = torch.tensor(labels) if conditional else None
     resolution = resolution if resolution is not None else fake_images.shape[-1]
     real_images, _ = _digits_tensors(resolution, "train", seed)
     heldout_images, _ = _digits_tensors(resolution, "heldout", seed)
     results = evaluate_digits_samples(
         fake_images,
-        torch.tensor(labels),
+        labels,
         real_images,
         heldout_images,
         feature_extractor=feature_extractor,
@@ -499,10 +501,10 @@ def evaluate_pipeline_on_digits(
     )
     results.update(
         num_samples_per_class=num_samples_per_class,
-        guidance_scale=guidance_scale,
+        guidance_scale=guidance_scale if conditional else None,
         num_inference_steps=num_inference_steps,
         resolution=resolution,
     )
     if return_samples:
-        return results, fake_images, torch.tensor(labels)
+        return results, fake_images, labels
     return results

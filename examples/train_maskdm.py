@@ -1,0 +1,571 @@
+#!/usr/bin/env python
+"""Train a MaskDM U-ViT with accelerate: masked pre-training, then fine-tuning without masks.
+
+    accelerate launch examples/train_maskdm.py                      # built-in default: unconditional digits, CPU
+    accelerate launch examples/train_maskdm.py --train_data_dir celebahq256/ --resolution 256 --model_config MaskDM-B \\
+        --mask_type block --mask_block_size 4 --mask_ratio 0.9 --max_train_steps 200000 --finetune_steps 0 \\
+        --train_batch_size 32 --learning_rate 2e-4 --max_grad_norm 1.0 --mixed_precision bf16
+
+The recipe (Lei et al. 2023): stage 1 trains the DDPM noise-prediction loss on the visible patches of masked images
+(patch, block or crop masks, a constant or staged ratio, e.g. 90% then 50%); stage 2 fine-tunes at mask ratio 0
+from stage 1's *online* weights with a fresh optimizer, warm-up and EMA, optionally on another dataset or a subset
+(`--max_train_samples`, the paper's 1% / 10% transfer runs). With both `--max_train_steps` and `--finetune_steps`
+one run does both: stage 1 into `<output_dir>-pretrain` (beside, so that the final folder holds one pipeline), stage 2
+into `<output_dir>`. With one of them 0 it does one
+stage; pass stage 2 `--pretrained_model_name_or_path` a stage-1 output folder or checkpoint.
+
+Each stage is resumable to the bit (`--resume_from_checkpoint latest`): batches, masks and noise are functions of
+(`--seed`, step, process), checkpoints are atomic. The objective is `MaskedDDPMScheduler.masked_training_loss`; the
+saved `MaskDMPipeline` samples with DDIM on the same betas (250 steps, as the official evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusers_masked import MaskDMPipeline, MaskedDDPMScheduler, MaskedUViTTransformer2DModel
+from diffusers_masked.masking import generate_mask, parse_mask_schedule
+from diffusers_masked.models.masked_uvit import MASKDM_SIZES
+from diffusers_masked.schedulers.masked_training import drop_class_labels
+from diffusers_masked.training_utils import (
+    ONLINE_DIR,
+    Phase,
+    StepBatchSampler,
+    check_model_config,
+    check_ranks_agree,
+    ema_weights,
+    evaluate_on_digits,
+    export_ema_model,
+    finite_float,
+    int_at_least,
+    list_checkpoints,
+    load_checkpoint,
+    load_start_model,
+    load_training_data,
+    publish_run,
+    read_training_state,
+    resolve_model_config,
+    sample_grid,
+    save_checkpoint,
+    save_validation_grid,
+    setup_accelerator,
+    start_model_config,
+    start_run,
+    train_phases,
+)
+
+logger = get_logger(__name__)
+
+# MaskDM's names for the masks; "patch" is this package's "random".
+MASK_TYPES = {"patch": "random", "block": "block", "crop": "crop"}
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+PRETRAIN_SUFFIX = "-pretrain"
+
+# The built-in default: both stages on the digits, unconditional as the paper. Sized from per-step timings on two
+# shared CPU cores (docs/maskdm.md); every value can be overridden on the command line.
+DIGITS_DEFAULTS = {
+    "output_dir": "maskdm-digits",
+    "resolution": 16,
+    "model_config": json.dumps(
+        {
+            "sample_size": 16,
+            "patch_size": 2,
+            "in_channels": 1,
+            "num_layers": 7,
+            "num_attention_heads": 4,
+            "attention_head_dim": 32,
+        }
+    ),
+    "train_batch_size": 128,
+    "max_train_steps": 1000,
+    "mask_type": "patch",
+    "mask_ratio": 0.5,
+    "finetune_steps": 300,
+    "learning_rate": 1e-3,
+    "lr_warmup_steps": 100,
+    "finetune_learning_rate": 5e-4,
+    "finetune_warmup_steps": 50,
+    "adam_weight_decay": 0.0,
+    "ema_decay": 0.995,
+    "ema_warmup": True,
+    "validation_steps": 500,
+    "checkpointing_steps": 500,
+    "num_inference_steps": 50,
+    "num_eval_samples_per_class": 36,
+}
+# Defaults for a user's own data: the paper's CelebA-HQ 256 MaskDM-B settings (official configs/celebahq_base_90p.yml
+# and celebahq_base.yml; docs/maskdm.md lists the flag sets of each paper run).
+GENERAL_DEFAULTS = {
+    "output_dir": "maskdm-output",
+    "resolution": 256,
+    "model_config": "MaskDM-B",
+    "train_batch_size": 32,
+    "max_train_steps": 200_000,
+    "mask_type": "block",
+    "mask_ratio": 0.9,
+    "finetune_steps": 0,
+    "learning_rate": 2e-4,
+    "lr_warmup_steps": 0,
+    "finetune_learning_rate": 1e-5,
+    "finetune_warmup_steps": 5000,
+    "adam_weight_decay": 0.03,
+    "ema_decay": 0.999,
+    "ema_warmup": False,
+    "validation_steps": 10_000,
+    "checkpointing_steps": 10_000,
+    "num_inference_steps": 250,
+    "num_eval_samples_per_class": 0,
+}
+
+
+def parse_args(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Data
+    parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` Hub id or local dataset folder.")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="An image folder.")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help="Train class-conditionally on this label column (sub-folders for --train_data_dir: 'label'). Default: "
+        "unconditional, as the paper.",
+    )
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--resolution", type=int_at_least(1), default=None, help="Image side after resize and crop.")
+    parser.add_argument("--random_crop", action="store_true")
+    parser.add_argument(
+        "--random_flip", action="store_true", help="Random horizontal flips (the 1%%/10%% transfer runs)."
+    )
+    parser.add_argument(
+        "--max_train_samples", type=int_at_least(1), default=None, help="Train on the first N examples."
+    )
+    parser.add_argument("--num_classes", type=int_at_least(1), default=None, help="With --label_column.")
+    parser.add_argument("--skip_image_verification", action="store_true")
+    # Model
+    parser.add_argument(
+        "--model_config", type=str, default=None, help="'MaskDM-S', 'MaskDM-B', a JSON config or a config.json."
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Start from these weights: a stage-1 output folder or checkpoint (its online weights), or a saved "
+        "transformer or pipeline (e.g. a converted official checkpoint).",
+    )
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--beta_schedule", type=str, default="squaredcos_cap_v2", choices=BETA_SCHEDULES)
+    # Stage 1: masked pre-training
+    parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Stage-1 steps (0 skips it).")
+    parser.add_argument("--mask_type", type=str, default=None, choices=tuple(MASK_TYPES))
+    parser.add_argument(
+        "--mask_block_size", type=int_at_least(1), default=4, help="Block side (patches), --mask_type block."
+    )
+    parser.add_argument("--mask_ratio", type=finite_float(0, 1, high_open=True), default=None)
+    parser.add_argument(
+        "--mask_schedule",
+        type=str,
+        default=None,
+        help="Staged ratios, e.g. '0.9@0-200000,0.5@200000-', or a JSON schedule; overrides --mask_ratio.",
+    )
+    parser.add_argument("--train_batch_size", type=int_at_least(1), default=None, help="Per-process batch size.")
+    parser.add_argument("--learning_rate", type=finite_float(0, low_open=True), default=None)
+    parser.add_argument("--lr_warmup_steps", type=int_at_least(0), default=None)
+    # Stage 2: fine-tuning
+    parser.add_argument("--finetune_steps", type=int_at_least(0), default=None, help="Stage-2 steps (0 skips it).")
+    parser.add_argument("--finetune_learning_rate", type=finite_float(0, low_open=True), default=None)
+    parser.add_argument(
+        "--finetune_batch_size", type=int_at_least(1), default=None, help="Defaults to --train_batch_size."
+    )
+    parser.add_argument("--finetune_warmup_steps", type=int_at_least(0), default=None)
+    # Optimisation (both stages)
+    parser.add_argument(
+        "--class_dropout_prob", type=finite_float(0, 1), default=0.15, help="Label dropout (conditional)."
+    )
+    parser.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
+    parser.add_argument("--adam_beta1", type=finite_float(0, 1, high_open=True), default=0.99)
+    parser.add_argument("--adam_beta2", type=finite_float(0, 1, high_open=True), default=0.99)
+    parser.add_argument("--adam_weight_decay", type=finite_float(0), default=None)
+    parser.add_argument("--adam_epsilon", type=finite_float(0, low_open=True), default=1e-8)
+    parser.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--max_grad_norm", type=finite_float(0, low_open=True), default=None)
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ema_decay", type=finite_float(0, 1), default=None)
+    parser.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
+    parser.add_argument("--cpu_threads", type=int_at_least(1), default=None)
+    # Checkpoints, logging, validation, output
+    parser.add_argument("--output_dir", type=str, default=None)
+    parser.add_argument("--checkpointing_steps", type=int_at_least(0), default=None)
+    parser.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--validation_steps", type=int_at_least(0), default=None)
+    parser.add_argument(
+        "--num_validation_images", type=int_at_least(1), default=16, help="Images per grid (rows of 8)."
+    )
+    parser.add_argument("--guidance_scale", type=finite_float(0), default=1.0, help="Conditional models only.")
+    parser.add_argument(
+        "--num_inference_steps", type=int_at_least(1), default=None, help="DDIM steps of grids and evaluation."
+    )
+    parser.add_argument(
+        "--num_eval_samples_per_class", type=int_at_least(0), default=None, help="Digits only: FID samples / 10."
+    )
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    args = parser.parse_args(argv)
+
+    if args.dataset_name and args.train_data_dir:
+        parser.error("give either --dataset_name or --train_data_dir, not both")
+    args.builtin_digits = args.dataset_name is None and args.train_data_dir is None
+    for name, value in (DIGITS_DEFAULTS if args.builtin_digits else GENERAL_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.max_train_steps + args.finetune_steps == 0:
+        parser.error("nothing to train: --max_train_steps and --finetune_steps are both 0")
+    if args.num_inference_steps > 1000:
+        parser.error(
+            f"--num_inference_steps must be at most the 1000 training timesteps, got {args.num_inference_steps}"
+        )
+    if args.num_classes is not None and args.label_column is None:
+        parser.error("--num_classes needs --label_column (MaskDM trains unconditionally by default)")
+    if args.guidance_scale != 1 and args.label_column is None:
+        parser.error(
+            "--guidance_scale needs a class-conditional run (--label_column); unconditional sampling has none"
+        )
+    try:
+        args.masked_schedule = parse_mask_schedule(args.mask_schedule, default_ratio=args.mask_ratio)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--mask_schedule / --mask_ratio: {err}")
+    if args.pretrained_model_name_or_path is None:
+        try:
+            args.model_config_resolved = resolve_model_config(args.model_config, MaskedUViTTransformer2DModel)
+        except (ValueError, TypeError, KeyError) as err:
+            parser.error(f"--model_config: {err}")
+    if args.finetune_batch_size is None:
+        args.finetune_batch_size = args.train_batch_size
+    return args
+
+
+def stages_of(args) -> list[tuple[str, Path]]:
+    """The stages this run trains and the folder of each."""
+    output_dir = Path(args.output_dir)
+    if args.max_train_steps and args.finetune_steps:
+        return [("pretrain", output_dir.parent / f"{output_dir.name}{PRETRAIN_SUFFIX}"), ("finetune", output_dir)]
+    return [("pretrain" if args.max_train_steps else "finetune", output_dir)]
+
+
+def stage_phase(args, stage: str) -> Phase:
+    if stage == "pretrain":
+        return Phase(
+            "masked",
+            0,
+            args.max_train_steps,
+            args.train_batch_size,
+            args.learning_rate,
+            args.masked_schedule,
+            args.lr_warmup_steps,
+        )
+    return Phase(
+        "finetune",
+        0,
+        args.finetune_steps,
+        args.finetune_batch_size,
+        args.finetune_learning_rate,
+        parse_mask_schedule(0.0),
+        args.finetune_warmup_steps,
+    )
+
+
+def stage_is_complete(folder: Path, steps: int) -> bool:
+    """A stage-1 run that ended: its online weights are saved and its newest checkpoint is at its last step."""
+    checkpoints = list_checkpoints(folder)
+    return (
+        (folder / ONLINE_DIR / "config.json").is_file()
+        and bool(checkpoints)
+        and (read_training_state(checkpoints[-1])["global_step"] >= steps)
+    )
+
+
+def build_model(args, start, in_channels: int, sample_size: int, num_classes: int) -> MaskedUViTTransformer2DModel:
+    if start is not None:
+        model = load_start_model(start, MaskedUViTTransformer2DModel)
+    else:
+        data_config = {"sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes}
+        # A preset names a size of model, not of data: it takes the data's; an explicit config must match it.
+        preset = args.model_config in MASKDM_SIZES
+        config = (
+            {**args.model_config_resolved, **data_config} if preset else {**data_config, **args.model_config_resolved}
+        )
+        model = MaskedUViTTransformer2DModel(**config)
+    config = model.config
+    size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    if (size, config.in_channels, config.num_classes) != (sample_size, in_channels, num_classes):
+        raise ValueError(
+            f"the model has sample_size={size}, in_channels={config.in_channels}, num_classes={config.num_classes} "
+            f"but the data is {in_channels}x{sample_size}x{sample_size} with {num_classes} classes (0: unconditional)"
+        )
+    return model
+
+
+def make_pipeline(model, scheduler):
+    pipeline = MaskDMPipeline(transformer=model, scheduler=MaskDMPipeline.default_scheduler(scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def validation_grid(args, pipeline):
+    rows, cols = max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
+    kwargs = {"num_inference_steps": args.num_inference_steps}
+    if pipeline.num_classes:
+        rows = min(pipeline.num_classes, 10)
+        kwargs["guidance_scale"] = args.guidance_scale
+    return sample_grid(pipeline, rows, cols, seed=args.seed, **kwargs)
+
+
+def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_step_offset, final):
+    """Train one stage into `folder`; returns its global step."""
+    phase = stage_phase(args, stage)
+    model = build_model(args, start, data.in_channels, data.sample_size, data.num_classes)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if run.resumed_state is not None:
+        check_model_config(run.resumed_state["model_config"], model.config)
+    scheduler = MaskedDDPMScheduler(beta_schedule=args.beta_schedule)
+
+    def make_ema(parameters):
+        return EMAModel(
+            parameters,
+            decay=args.ema_decay,
+            use_ema_warmup=args.ema_warmup,
+            model_cls=MaskedUViTTransformer2DModel,
+            model_config=model.config,
+        )
+
+    ema = make_ema(model.parameters()) if args.use_ema and not sharded else None
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=phase.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=args.adam_fused or None,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if args.use_ema and sharded:
+        ema = make_ema(model.parameters())
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    global_step = 0
+    if run.resume_path is not None:
+        global_step = load_checkpoint(accelerator, run.resume_path, ema, sharded)["global_step"]
+        logger.info(f"{stage}: resumed from {run.resume_path} at step {global_step}")
+    run_config = {
+        k: v for k, v in vars(args).items() if k not in ("masked_schedule", "hub_token") and not k.startswith("_")
+    }
+    run_config.update(stage=stage, start_weights=str(start) if start is not None else None)
+    run_config["mask_schedule_resolved"] = phase.mask_schedule.to_dict()
+    model_config = {k: v for k, v in accelerator.unwrap_model(model).config.items() if not k.startswith("_")}
+    training_state = {"run_id": run.run_id, "model_config": model_config, "run": run_config}
+    if accelerator.is_main_process:
+        (folder / "training_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
+    logger.info(
+        f"{stage}: {len(data.dataset)} examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{phase.end} steps, batch {phase.batch_size}, lr {phase.learning_rate:g}, start {start or 'scratch'}"
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    grid_size = (data.sample_size // unwrapped.config.patch_size,) * 2
+    conditional = data.num_classes > 0
+
+    def compute_loss(batch, generator, mask_ratio, phase):
+        clean = batch["pixel_values"].to(accelerator.device)
+        labels = None
+        if conditional:
+            labels = batch["class_labels"].to(accelerator.device)
+            labels = drop_class_labels(labels, data.num_classes, args.class_dropout_prob, generator=generator)
+        mask = None
+        if mask_ratio > 0:
+            mask = generate_mask(
+                MASK_TYPES[args.mask_type],
+                clean.shape[0],
+                grid_size,
+                mask_ratio,
+                block_size=args.mask_block_size,
+                generator=generator,
+                device=accelerator.device,
+            )
+        return scheduler.masked_training_loss(model, clean, class_labels=labels, mask=mask, generator=generator)
+
+    def after_step(step):
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < phase.end:
+            save_checkpoint(accelerator, folder, step, args.checkpoints_total_limit, training_state, ema, sharded)
+        # Under FSDP every rank samples (each forward gathers the shards: collectives), the main one saves.
+        if args.validation_steps and step % args.validation_steps == 0 and (sharded or accelerator.is_main_process):
+            with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
+                grid = validation_grid(args, make_pipeline(ema_model, scheduler))
+            save_validation_grid(accelerator, grid, folder, step, tag=f"{stage}/validation")
+
+    progress = tqdm(range(phase.end), initial=global_step, desc=stage, disable=not accelerator.is_local_main_process)
+    global_step = train_phases(
+        accelerator,
+        model,
+        optimizer,
+        ema,
+        [phase],
+        data.dataset,
+        data.collate_fn,
+        global_step=global_step,
+        seed=args.seed,
+        compute_loss=compute_loss,
+        log_keys=("loss",),
+        after_step=after_step,
+        progress=progress,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        num_workers=args.dataloader_num_workers,
+        log_step_offset=log_step_offset,
+    )
+    progress.close()
+
+    save_checkpoint(accelerator, folder, global_step, args.checkpoints_total_limit, training_state, ema, sharded)
+    if not sharded:
+        check_ranks_agree(accelerator, model)
+    final_model, online = export_ema_model(
+        accelerator, model, ema, MaskedUViTTransformer2DModel, ema if sharded else None, return_online=True
+    )
+    if accelerator.is_main_process:
+        pipeline = make_pipeline(final_model, scheduler)
+        eval_results, grid = None, None
+        rows, cols = max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
+        if final and args.builtin_digits and args.num_eval_samples_per_class:
+            metrics, eval_results, grid = evaluate_on_digits(
+                pipeline,
+                folder,
+                num_samples_per_class=args.num_eval_samples_per_class,
+                resolution=args.resolution,
+                seed=args.seed + 1,
+                grid_rows=rows,
+                grid_cols=cols,
+                cache_dir=args.cache_dir,
+                num_inference_steps=args.num_inference_steps,
+            )
+            accelerator.log(
+                {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                step=log_step_offset + global_step,
+            )
+        publish_run(
+            pipeline,
+            folder,
+            grid=grid if grid is not None else validation_grid(args, pipeline),
+            training_config=run_config,
+            dataset_name="scikit-learn digits" if args.builtin_digits else (args.dataset_name or args.train_data_dir),
+            eval_results=eval_results,
+            online_model=online,
+            repo_id=args.hub_model_id,
+            push_to_hub=args.push_to_hub and final,
+            hub_token=args.hub_token,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the next stage prepares a new model and optimizer; save_state must see only those
+    return global_step
+
+
+def main(args):
+    output_dir = Path(args.output_dir)
+    accelerator, sharded = setup_accelerator(
+        output_dir,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        report_to=args.report_to,
+        logging_dir=args.logging_dir,
+        use_ema=args.use_ema,
+        cpu_threads=args.cpu_threads,
+        seed=args.seed,
+    )
+    stages = stages_of(args)
+    # Every stage's folder is claimed and its checkpoint checked before any work. A stage-1 run that ended is not
+    # trained again when the two-stage run is resumed.
+    runs = {}
+    for stage, folder in stages:
+        resume = args.resume_from_checkpoint
+        if resume not in (None, "latest") and Path(resume).resolve().parent != folder.resolve():
+            resume = "latest"  # an explicit checkpoint belongs to the other stage; this one continues where it is
+        runs[stage] = start_run(accelerator, folder, resume, args.use_ema, sharded)
+    start = args.pretrained_model_name_or_path
+    model_classes = start_model_config(start, MaskedUViTTransformer2DModel).get("num_classes") if start else None
+    if start is None:
+        model_classes = args.model_config_resolved.get("num_classes")
+    if args.label_column is None and model_classes:
+        raise ValueError(f"the model is class-conditional (num_classes={model_classes}); pass --label_column")
+
+    # 1. Data, shared by both stages
+    data = load_training_data(
+        accelerator,
+        args.resolution,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+        max_train_samples=args.max_train_samples,
+        verify=not args.skip_image_verification,
+        random_crop=args.random_crop,
+        random_flip=args.random_flip,
+        num_classes=(args.num_classes or model_classes) if args.label_column is not None else 0,
+    )
+    for stage, _ in stages:  # every stage's batch must fit the data now, not hours in
+        batch_size = stage_phase(args, stage).batch_size
+        StepBatchSampler(len(data.dataset), batch_size, accelerator.num_processes, accelerator.process_index, seed=0)
+    if accelerator.is_main_process:
+        flat = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train_maskdm", config={k: v for k, v in flat.items() if k != "hub_token"})
+
+    # 2. The stages
+    offset = 0
+    for i, (stage, folder) in enumerate(stages):
+        run = runs[stage]
+        if (
+            stage == "pretrain"
+            and len(stages) == 2
+            and run.resume_path is not None
+            and stage_is_complete(folder, args.max_train_steps)
+        ):
+            logger.info(
+                f"pretrain: {folder} finished at step {args.max_train_steps}; fine-tuning from its online weights"
+            )
+        else:
+            run_stage(args, accelerator, sharded, stage, folder, run, data, start, offset, final=i == len(stages) - 1)
+        # Stage 2 starts from stage 1's online weights (the official fine-tuning loads the checkpoint's `model`).
+        start = folder
+        offset += args.max_train_steps if stage == "pretrain" else 0
+    # See train_maskdit.py: every rank waits here until the main process has written the output.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # As train_maskdit.py: leave without the interpreter's teardown, which can hang in gloo (pytorch#56297).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

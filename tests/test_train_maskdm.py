@@ -1,0 +1,165 @@
+"""examples/train_maskdm.py: its flags, and tiny two-stage runs through `accelerate launch`.
+
+The machinery it shares with train_maskdit.py is tested in test_training_utils.py."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusers_masked import MaskedUViTTransformer2DModel
+from diffusers_masked.training_utils import TRAINING_STATE_FILE, list_checkpoints, load_start_model
+from tests.launch import REPO, assert_same_weights, env, kill_when, launch, weights
+
+SCRIPT = REPO / "examples" / "train_maskdm.py"
+TINY_MODEL = json.dumps({"patch_size": 2, "num_layers": 3, "num_attention_heads": 2, "attention_head_dim": 16})
+TINY_RUN = [
+    "--model_config", TINY_MODEL,
+    "--resolution", "8",
+    "--train_batch_size", "16",
+    "--num_inference_steps", "2",
+    "--num_validation_images", "2",
+    "--num_eval_samples_per_class", "0",
+    "--validation_steps", "0",
+    "--report_to", "none",
+    "--cpu_threads", "1",
+]  # fmt: skip
+FINAL = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_maskdm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script()
+
+
+def _launch(*args, **kwargs):
+    return launch(SCRIPT, *TINY_RUN, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def test_built_in_default_is_both_stages_on_the_digits_with_the_papers_optimizer():
+    args = train.parse_args([])
+    assert args.builtin_digits and args.output_dir == "maskdm-digits"
+    assert args.max_train_steps > 0 and args.finetune_steps > 0 and args.label_column is None
+    assert (args.adam_beta1, args.adam_beta2) == (0.99, 0.99)
+    assert [stage for stage, _ in train.stages_of(args)] == ["pretrain", "finetune"]
+    real = train.parse_args(["--train_data_dir", "x"])
+    assert real.adam_weight_decay == 0.03 and real.model_config == "MaskDM-B" and real.mask_type == "block"
+
+
+def test_a_staged_schedule_string_sets_the_stage_one_ratios():
+    args = train.parse_args(["--mask_schedule", "0.9@0-20,0.5@20-"])
+    phase = train.stage_phase(args, "pretrain")
+    assert (phase.ratio(19), phase.ratio(20)) == (0.9, 0.5)
+    assert train.stage_phase(args, "finetune").ratio(0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--mask_ratio", "1.0"], "--mask_ratio"),
+        (["--mask_type", "random"], "--mask_type"),
+        (["--mask_schedule", "0.9@0-10,0.5@20-"], "starts at 20"),
+        (["--beta_schedule", "cosine"], "--beta_schedule"),
+        (["--max_train_steps", "0", "--finetune_steps", "0"], "nothing to train"),
+        (["--finetune_learning_rate", "0"], "--finetune_learning_rate"),
+        (["--finetune_batch_size", "0"], "--finetune_batch_size"),
+        (["--finetune_warmup_steps", "-1"], "--finetune_warmup_steps"),
+        (["--adam_beta2", "1"], "--adam_beta2"),
+        (["--num_inference_steps", "1001"], "at most the 1000"),
+        (["--num_classes", "3"], "--label_column"),
+        (["--guidance_scale", "2"], "--label_column"),
+        (["--class_dropout_prob", "nan"], "--class_dropout_prob"),
+        (["--model_config", "MaskDM-XL"], "preset name"),
+        (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
+    ],
+)
+def test_bad_flags_exit_with_a_message_naming_them(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert match in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+TWO_STAGES = ["--max_train_steps", "4", "--finetune_steps", "3", "--checkpointing_steps", "2", "--mask_type", "block"]
+TWO_STAGES += ["--mask_block_size", "2", "--mask_ratio", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("maskdm") / "run"
+    _launch("--output_dir", str(out), *TWO_STAGES)
+    return out
+
+
+@pytest.mark.slow
+def test_stage_two_starts_from_the_stage_one_online_weights_not_the_ema(two_stage_run, tmp_path):
+    pretrain = two_stage_run.with_name("run-pretrain")
+    online = weights(list_checkpoints(pretrain)[-1] / "model.safetensors")
+    start = load_start_model(pretrain, MaskedUViTTransformer2DModel).state_dict()
+    assert_same_weights(start, online)
+    ema = weights(pretrain / FINAL)
+    assert any(not torch.equal(ema[k], online[k]) for k in online)  # the EMA differs, so the check can fail
+    # Fine-tuning separately from the stage-1 folder ends where the two-stage run ends, to the bit.
+    separate = tmp_path / "separate"
+    _launch(
+        "--output_dir",
+        str(separate),
+        *TWO_STAGES,
+        "--max_train_steps",
+        "0",
+        "--pretrained_model_name_or_path",
+        str(pretrain),
+    )
+    assert_same_weights(weights(separate / FINAL), weights(two_stage_run / FINAL))
+
+
+@pytest.mark.slow
+def test_the_saved_pipeline_loads_and_samples_in_a_fresh_process(two_stage_run):
+    code = (
+        "import torch; from diffusers import DiffusionPipeline; from diffusers_masked import MaskDMPipeline\n"
+        f"a = DiffusionPipeline.from_pretrained({str(two_stage_run)!r}, trust_remote_code=True)\n"
+        f"b = MaskDMPipeline.from_pretrained({str(two_stage_run)!r})\n"
+        "x, y = (p(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type='np').images for p in (a, b))\n"
+        "assert type(a).__name__ == 'MaskDMPipeline' and x.shape == (2, 8, 8, 1) and (x == y).all()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    card = (two_stage_run / "README.md").read_text()
+    assert "maskdm" in card and (two_stage_run / "samples.png").exists()
+    state = json.loads((list_checkpoints(two_stage_run)[-1] / TRAINING_STATE_FILE).read_text())
+    assert state["run"]["stage"] == "finetune" and state["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_kill_minus_9_in_each_stage_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    common = [*TINY_RUN, "--max_train_steps", "30", "--finetune_steps", "30", "--checkpointing_steps", "10"]
+    reference = tmp_path / "reference"
+    launch(SCRIPT, "--output_dir", str(reference), *common)
+    killed = tmp_path / "killed"
+    kill_when(SCRIPT, ["--output_dir", str(killed), *common], tmp_path / "killed-pretrain" / "checkpoint-10")
+    kill_when(
+        SCRIPT, ["--output_dir", str(killed), *common, "--resume_from_checkpoint", "latest"], killed / "checkpoint-10"
+    )
+    assert not (killed / "model_index.json").exists()
+    result = launch(SCRIPT, "--output_dir", str(killed), *common, "--resume_from_checkpoint", "latest")
+    assert "finetune: resumed from" in result.stderr
+    for name in ("killed-pretrain", "killed"):
+        reference_name = name.replace("killed", "reference")
+        assert_same_weights(weights(tmp_path / name / FINAL), weights(tmp_path / reference_name / FINAL))
+    assert_same_weights(
+        weights(killed / "checkpoint-30" / "model.safetensors"),
+        weights(reference / "checkpoint-30" / "model.safetensors"),
+    )
