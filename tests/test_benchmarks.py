@@ -128,3 +128,36 @@ def test_gpu_defaults_are_the_issues_batches_and_the_official_repo_must_be_a_che
     assert args.batch_sizes == [32, 64, 128] and args.dtype == ["fp32", "bf16"]
     with pytest.raises(SystemExit):
         train_step.parse_args(["--official_repo", str(tmp_path)])
+
+
+def _time_to_quality():
+    spec = importlib.util.spec_from_file_location("time_to_quality", SCRIPT.parent / "time_to_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclass looks its module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_time_to_quality_interpolates_the_first_crossing_of_the_target_fid():
+    bench = _time_to_quality()
+    points = [{"fid": 40.0, "train_seconds": 10.0}, {"fid": 30.0, "train_seconds": 20.0}, {"fid": 10.0, "train_seconds": 30.0}]
+    # FID 20 is crossed halfway between the 2nd and 3rd evaluation (linear in time): 20 + 0.5 * 10.
+    assert bench.first_time_at(points, 20.0, "train_seconds") == pytest.approx(25.0)
+    assert bench.first_time_at(points, 45.0, "train_seconds") == 10.0  # reached at the first evaluation
+    assert bench.first_time_at(points, 5.0, "train_seconds") is None
+
+
+def test_time_to_quality_refuses_a_comparison_without_its_baseline():
+    with pytest.raises(SystemExit):
+        _time_to_quality().parse_args(["--arms", "mask_mae"])
+
+
+@pytest.mark.slow
+def test_time_to_quality_quick_run_writes_runs_comparisons_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    record = _time_to_quality().main(["--quick", "--arms", "unmasked", "mask_mae", "--output", str(tmp_path / "t.json")])
+    assert [run["arm"] for run in record["runs"]] == ["unmasked", "mask_mae"]
+    assert all(len(run["points"]) == 2 for run in record["runs"])
+    assert record["comparisons"][0]["baseline"] == "unmasked"
+    assert json.loads((tmp_path / "t.json").read_text())["machine"]["cores"] == os.cpu_count()
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
