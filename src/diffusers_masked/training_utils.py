@@ -11,8 +11,10 @@
   when its shadow parameters are FSDP2 shards.
 - Data (`load_training_data`), sample grids (`sample_grid`, `image_grid`), and process
   set-up (`configure_cpu_threads`, `check_distributed_launch`, `check_ranks_agree`).
-- A run from start to end (`setup_accelerator`, `start_run`, `load_start_model`, `train_phases`,
-  `save_validation_grid`, `evaluate_on_digits`, `publish_run`): what a training script's `main()` calls in order.
+- Command lines (`int_at_least`, `finite_float`, `apply_run_defaults`, `resolve_schedule_and_model_config`).
+- A run from start to end (`setup_accelerator`, `start_run`, `load_start_model`, `configure_model`,
+  `prepare_training`, `record_run`, `train_phases` with `masked_loss_fn` and `periodic_saves`, `finish_run`): what a
+  training script's `main()` calls in order.
 """
 
 from __future__ import annotations
