@@ -27,36 +27,34 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from accelerate.logging import get_logger
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from diffusers_masked import MaskDMPipeline, MaskedDDPMScheduler, MaskedUViTTransformer2DModel
-from diffusers_masked.masking import generate_mask, parse_mask_schedule
+from diffusers_masked.masking import parse_mask_schedule
 from diffusers_masked.models.masked_uvit import MASKDM_SIZES
-from diffusers_masked.schedulers.masked_training import drop_class_labels
 from diffusers_masked.training_utils import (
     ONLINE_DIR,
     Phase,
-    StepBatchSampler,
+    apply_run_defaults,
+    check_batch_sizes,
     check_model_config,
-    check_ranks_agree,
-    ema_weights,
-    evaluate_on_digits,
-    export_ema_model,
+    configure_model,
+    finish_run,
     finite_float,
     int_at_least,
     list_checkpoints,
     load_checkpoint,
     load_start_model,
     load_training_data,
-    publish_run,
+    masked_loss_fn,
+    periodic_saves,
+    prepare_training,
     read_training_state,
-    resolve_model_config,
+    record_run,
+    resolve_schedule_and_model_config,
+    run_config,
     sample_grid,
-    save_checkpoint,
-    save_validation_grid,
     setup_accelerator,
     start_model_config,
     start_run,
@@ -166,6 +164,17 @@ def parse_args(argv=None):
         "transformer or pipeline (e.g. a converted official checkpoint).",
     )
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the U-ViT blocks with torch.compile (diffusers' regional compile_repeated_blocks).",
+    )
+    parser.add_argument(
+        "--attention_backend",
+        type=str,
+        default=None,
+        help="A diffusers attention backend for the model, e.g. 'flash' or '_native_cudnn' (model.set_attention_backend).",
+    )
     parser.add_argument("--beta_schedule", type=str, default="squaredcos_cap_v2", choices=BETA_SCHEDULES)
     # Stage 1: masked pre-training
     parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Stage-1 steps (0 skips it).")
@@ -231,12 +240,7 @@ def parse_args(argv=None):
     parser.add_argument("--hub_token", type=str, default=None)
     args = parser.parse_args(argv)
 
-    if args.dataset_name and args.train_data_dir:
-        parser.error("give either --dataset_name or --train_data_dir, not both")
-    args.builtin_digits = args.dataset_name is None and args.train_data_dir is None
-    for name, value in (DIGITS_DEFAULTS if args.builtin_digits else GENERAL_DEFAULTS).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_run_defaults(parser, args, DIGITS_DEFAULTS, GENERAL_DEFAULTS)
     if args.max_train_steps + args.finetune_steps == 0:
         parser.error("nothing to train: --max_train_steps and --finetune_steps are both 0")
     if args.num_inference_steps > 1000:
@@ -249,15 +253,7 @@ def parse_args(argv=None):
         parser.error(
             "--guidance_scale needs a class-conditional run (--label_column); unconditional sampling has none"
         )
-    try:
-        args.masked_schedule = parse_mask_schedule(args.mask_schedule, default_ratio=args.mask_ratio)
-    except (ValueError, TypeError) as err:
-        parser.error(f"--mask_schedule / --mask_ratio: {err}")
-    if args.pretrained_model_name_or_path is None:
-        try:
-            args.model_config_resolved = resolve_model_config(args.model_config, MaskedUViTTransformer2DModel)
-        except (ValueError, TypeError, KeyError) as err:
-            parser.error(f"--model_config: {err}")
+    resolve_schedule_and_model_config(parser, args, MaskedUViTTransformer2DModel)
     if args.finetune_batch_size is None:
         args.finetune_batch_size = args.train_batch_size
     return args
@@ -341,87 +337,49 @@ def validation_grid(args, pipeline):
 
 def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_step_offset, final):
     """Train one stage into `folder`; returns its global step."""
+    # 1. Model and scheduler (which carries the objective)
     phase = stage_phase(args, stage)
     model = build_model(args, start, data.in_channels, data.sample_size, data.num_classes)
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    configure_model(
+        model,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attention_backend=args.attention_backend,
+        torch_compile=args.torch_compile,
+    )
     if run.resumed_state is not None:
         check_model_config(run.resumed_state["model_config"], model.config)
     scheduler = MaskedDDPMScheduler(beta_schedule=args.beta_schedule)
 
-    def make_ema(parameters):
-        return EMAModel(
-            parameters,
-            decay=args.ema_decay,
-            use_ema_warmup=args.ema_warmup,
-            model_cls=MaskedUViTTransformer2DModel,
-            model_config=model.config,
-        )
-
-    ema = make_ema(model.parameters()) if args.use_ema and not sharded else None
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=phase.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        fused=args.adam_fused or None,
+    # 2. A fresh optimizer and EMA, prepared
+    model, optimizer, ema = prepare_training(
+        accelerator,
+        model,
+        sharded,
+        learning_rate=phase.learning_rate,
+        adam_betas=(args.adam_beta1, args.adam_beta2),
+        adam_weight_decay=args.adam_weight_decay,
+        adam_epsilon=args.adam_epsilon,
+        adam_fused=args.adam_fused,
+        use_ema=args.use_ema,
+        ema_decay=args.ema_decay,
+        ema_warmup=args.ema_warmup,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if args.use_ema and sharded:
-        ema = make_ema(model.parameters())
-    if ema is not None:
-        ema.to(accelerator.device)
 
+    # 3. Resume, then record the stage
     global_step = 0
     if run.resume_path is not None:
         global_step = load_checkpoint(accelerator, run.resume_path, ema, sharded)["global_step"]
         logger.info(f"{stage}: resumed from {run.resume_path} at step {global_step}")
-    run_config = {
-        k: v for k, v in vars(args).items() if k not in ("masked_schedule", "hub_token") and not k.startswith("_")
-    }
-    run_config.update(stage=stage, start_weights=str(start) if start is not None else None)
-    run_config["mask_schedule_resolved"] = phase.mask_schedule.to_dict()
-    model_config = {k: v for k, v in accelerator.unwrap_model(model).config.items() if not k.startswith("_")}
-    training_state = {"run_id": run.run_id, "model_config": model_config, "run": run_config}
-    if accelerator.is_main_process:
-        (folder / "training_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
+    config = run_config(
+        args, phase.mask_schedule, stage=stage, start_weights=str(start) if start is not None else None
+    )
+    training_state = record_run(accelerator, folder, run.run_id, model, config)
     logger.info(
         f"{stage}: {len(data.dataset)} examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{phase.end} steps, batch {phase.batch_size}, lr {phase.learning_rate:g}, start {start or 'scratch'}"
     )
-    unwrapped = accelerator.unwrap_model(model)
-    grid_size = (data.sample_size // unwrapped.config.patch_size,) * 2
-    conditional = data.num_classes > 0
 
-    def compute_loss(batch, generator, mask_ratio, phase):
-        clean = batch["pixel_values"].to(accelerator.device)
-        labels = None
-        if conditional:
-            labels = batch["class_labels"].to(accelerator.device)
-            labels = drop_class_labels(labels, data.num_classes, args.class_dropout_prob, generator=generator)
-        mask = None
-        if mask_ratio > 0:
-            mask = generate_mask(
-                MASK_TYPES[args.mask_type],
-                clean.shape[0],
-                grid_size,
-                mask_ratio,
-                block_size=args.mask_block_size,
-                generator=generator,
-                device=accelerator.device,
-            )
-        return scheduler.masked_training_loss(model, clean, class_labels=labels, mask=mask, generator=generator)
-
-    def after_step(step):
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < phase.end:
-            save_checkpoint(accelerator, folder, step, args.checkpoints_total_limit, training_state, ema, sharded)
-        # Under FSDP every rank samples (each forward gathers the shards: collectives), the main one saves.
-        if args.validation_steps and step % args.validation_steps == 0 and (sharded or accelerator.is_main_process):
-            with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
-                grid = validation_grid(args, make_pipeline(ema_model, scheduler))
-            save_validation_grid(accelerator, grid, folder, step, tag=f"{stage}/validation")
-
+    # 4. Train
     progress = tqdm(range(phase.end), initial=global_step, desc=stage, disable=not accelerator.is_local_main_process)
     global_step = train_phases(
         accelerator,
@@ -433,9 +391,30 @@ def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_s
         data.collate_fn,
         global_step=global_step,
         seed=args.seed,
-        compute_loss=compute_loss,
+        compute_loss=masked_loss_fn(
+            accelerator,
+            model,
+            scheduler,
+            data,
+            mask_type=MASK_TYPES[args.mask_type],
+            mask_block_size=args.mask_block_size,
+            class_dropout_prob=args.class_dropout_prob,
+        ),
         log_keys=("loss",),
-        after_step=after_step,
+        after_step=periodic_saves(
+            accelerator,
+            model,
+            ema,
+            sharded,
+            folder,
+            training_state,
+            end=phase.end,
+            checkpointing_steps=args.checkpointing_steps,
+            checkpoints_total_limit=args.checkpoints_total_limit,
+            validation_steps=args.validation_steps,
+            validation_grid=lambda ema_model: validation_grid(args, make_pipeline(ema_model, scheduler)),
+            tag=f"{stage}/validation",
+        ),
         progress=progress,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
@@ -444,44 +423,39 @@ def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_s
     )
     progress.close()
 
-    save_checkpoint(accelerator, folder, global_step, args.checkpoints_total_limit, training_state, ema, sharded)
-    if not sharded:
-        check_ranks_agree(accelerator, model)
-    final_model, online = export_ema_model(
-        accelerator, model, ema, MaskedUViTTransformer2DModel, ema if sharded else None, return_online=True
+    # 5. Final checkpoint, EMA pipeline and online weights, sample grid, evaluation, model card
+    rows, cols = max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
+    digits_evaluation = None
+    if final and args.builtin_digits and args.num_eval_samples_per_class:
+        digits_evaluation = {
+            "num_samples_per_class": args.num_eval_samples_per_class,
+            "resolution": args.resolution,
+            "seed": args.seed + 1,
+            "grid_rows": rows,
+            "grid_cols": cols,
+            "cache_dir": args.cache_dir,
+            "num_inference_steps": args.num_inference_steps,
+        }
+    finish_run(
+        accelerator,
+        model,
+        ema,
+        sharded,
+        folder,
+        global_step,
+        training_state,
+        model_cls=MaskedUViTTransformer2DModel,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        make_pipeline=lambda final_model: make_pipeline(final_model, scheduler),
+        final_grid=lambda pipeline: validation_grid(args, pipeline),
+        dataset_name="scikit-learn digits" if args.builtin_digits else (args.dataset_name or args.train_data_dir),
+        digits_evaluation=digits_evaluation,
+        save_online=True,
+        log_step=log_step_offset + global_step,
+        repo_id=args.hub_model_id,
+        push_to_hub=args.push_to_hub and final,
+        hub_token=args.hub_token,
     )
-    if accelerator.is_main_process:
-        pipeline = make_pipeline(final_model, scheduler)
-        eval_results, grid = None, None
-        rows, cols = max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
-        if final and args.builtin_digits and args.num_eval_samples_per_class:
-            metrics, eval_results, grid = evaluate_on_digits(
-                pipeline,
-                folder,
-                num_samples_per_class=args.num_eval_samples_per_class,
-                resolution=args.resolution,
-                seed=args.seed + 1,
-                grid_rows=rows,
-                grid_cols=cols,
-                cache_dir=args.cache_dir,
-                num_inference_steps=args.num_inference_steps,
-            )
-            accelerator.log(
-                {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                step=log_step_offset + global_step,
-            )
-        publish_run(
-            pipeline,
-            folder,
-            grid=grid if grid is not None else validation_grid(args, pipeline),
-            training_config=run_config,
-            dataset_name="scikit-learn digits" if args.builtin_digits else (args.dataset_name or args.train_data_dir),
-            eval_results=eval_results,
-            online_model=online,
-            repo_id=args.hub_model_id,
-            push_to_hub=args.push_to_hub and final,
-            hub_token=args.hub_token,
-        )
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # the next stage prepares a new model and optimizer; save_state must see only those
     return global_step
@@ -531,9 +505,7 @@ def main(args):
         random_flip=args.random_flip,
         num_classes=(args.num_classes or model_classes) if args.label_column is not None else 0,
     )
-    for stage, _ in stages:  # every stage's batch must fit the data now, not hours in
-        batch_size = stage_phase(args, stage).batch_size
-        StepBatchSampler(len(data.dataset), batch_size, accelerator.num_processes, accelerator.process_index, seed=0)
+    check_batch_sizes(accelerator, len(data.dataset), [stage_phase(args, stage).batch_size for stage, _ in stages])
     if accelerator.is_main_process:
         flat = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("train_maskdm", config={k: v for k, v in flat.items() if k != "hub_token"})

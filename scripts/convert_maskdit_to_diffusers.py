@@ -9,6 +9,7 @@ The file is read without running code (see `diffusers_masked.conversion.load_che
 import argparse
 
 from diffusers_masked.conversion import WEIGHTS, convert_maskdit_checkpoint, load_vae
+from diffusers_masked.training_utils import int_at_least
 
 
 def parse_args(argv=None):
@@ -35,8 +36,10 @@ def parse_args(argv=None):
         default=None,
         help="For a single-file VAE: a diffusers config (folder or Hub id) describing it.",
     )
-    parser.add_argument("--num_attention_heads", type=int, default=16, help="Encoder heads (16 for XL/2).")
-    parser.add_argument("--decoder_num_attention_heads", type=int, default=16, help="Decoder heads (16 in the paper).")
+    parser.add_argument("--num_attention_heads", type=int_at_least(1), default=16, help="Encoder heads (16 for XL/2).")
+    parser.add_argument(
+        "--decoder_num_attention_heads", type=int_at_least(1), default=16, help="Decoder heads (16 in the paper)."
+    )
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,5 @@
 import os
+import socket
 import tempfile
 
 # Every test runs offline: nothing may be fetched from the Hub or any URL.
@@ -20,3 +21,14 @@ torch.set_num_threads(1)
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

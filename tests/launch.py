@@ -1,9 +1,11 @@
-"""Running the example training scripts through `accelerate launch` in the tests, and comparing their weights."""
+"""Running the example training scripts through `accelerate launch` in the tests, comparing their weights, and
+loading saved pipelines in a fresh interpreter."""
 
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -71,3 +73,30 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def assert_loads_in_a_fresh_process(folder, pipeline_class: str, call: str, expected, checks: str = ""):
+    """In a new interpreter, the pipeline saved in `folder` loads both through `DiffusionPipeline.from_pretrained(...,
+    trust_remote_code=True)` and `<pipeline_class>.from_pretrained`, is a `pipeline_class`, and
+    ``pipe(<call>, output_type="pt", generator=seed 0)`` gives `expected`; `checks` are more statements run on each
+    loaded ``pipe``."""
+    torch.save(expected, Path(folder) / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from diffusers import DiffusionPipeline
+        from diffusers_masked import {pipeline_class}
+        for pipe in (
+            DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True),
+            {pipeline_class}.from_pretrained({str(folder)!r}),
+        ):
+            assert type(pipe) is {pipeline_class}, type(pipe)
+            {checks}
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe({call}, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+            torch.testing.assert_close(images, torch.load({str(Path(folder) / "expected.pt")!r}, weights_only=True))
+        print("LOADED-OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "LOADED-OK" in result.stdout, result.stderr[-3000:]

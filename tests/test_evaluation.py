@@ -1,7 +1,6 @@
 import copy
 import importlib.util
 import json
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,15 +44,6 @@ def digits():
     real, real_labels = digits_module._digits_tensors(16, "train", seed=0)
     heldout, heldout_labels = digits_module._digits_tensors(16, "heldout", seed=0)
     return SimpleNamespace(real=real, real_labels=real_labels, heldout=heldout, heldout_labels=heldout_labels)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was used")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def reference_fid(features_a: np.ndarray, features_b: np.ndarray) -> float:

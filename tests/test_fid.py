@@ -2,7 +2,6 @@
 reference data and its cache, offline through injected feature extractors."""
 
 import importlib.util
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -247,15 +246,6 @@ def test_inception_score_splits_are_checked():
 
 
 # ------------------------------------------------------------------------------------------------ the command line
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the network was used")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_inception_without_weights_names_the_allow_download_flag(tmp_path, monkeypatch, no_network):

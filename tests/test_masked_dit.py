@@ -5,7 +5,7 @@ import torch
 
 from diffusers_masked.masking import random_mask
 from diffusers_masked.models.masked_dit import MaskedDiTTransformer2DModel
-from tests.tiny import TINY_TRANSFORMER, tiny_transformer
+from tests.tiny import BAD_TRANSFORMER_INPUTS, TINY_TRANSFORMER, tiny_transformer
 
 TINY = TINY_TRANSFORMER
 
@@ -185,25 +185,7 @@ def test_bf16_autocast_forward_is_finite():
     assert torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize(
-    "call,match",
-    [
-        (lambda m: m(torch.randn(2, 3, 7, 8), torch.zeros(2), torch.tensor([0, 1])), "divisible by patch_size"),
-        (lambda m: m(torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([0, 1])), "in_channels"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 11])), "class_labels"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([-1, 1])), "class_labels"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2)), "class_labels are required"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(3), torch.tensor([0, 1])), "timestep"),
-        (
-            lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 15, dtype=torch.bool)),
-            "mask must have shape",
-        ),
-        (
-            lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.tensor([[True] * 2 + [False] * 14, [True] * 3 + [False] * 13])),
-            "same number",
-        ),
-    ],
-)
+@pytest.mark.parametrize("call,match", BAD_TRANSFORMER_INPUTS)
 def test_bad_input_is_a_clear_value_error(call, match):
     model = tiny_model()
     with pytest.raises(ValueError, match=match):

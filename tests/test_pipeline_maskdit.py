@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-import textwrap
 from unittest import mock
 
 import numpy as np
@@ -12,6 +9,7 @@ from huggingface_hub import EvalResult, HfApi
 
 from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline
 from tests import tiny
+from tests.launch import assert_loads_in_a_fresh_process
 from tests.tiny import tiny_vae
 
 ID2LABEL = {i: name for i, name in enumerate(["zero", "one", "two,deux", "three"])}
@@ -173,28 +171,13 @@ def test_save_pretrained_writes_shim_index_and_card(pipe, tmp_path):
 
 def test_fresh_process_loads_with_diffusion_pipeline_and_generates_the_same_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
-    expected = _run(pipe, class_labels=["one", 3])
-    torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from diffusers import DiffusionPipeline
-        from diffusers_masked import MaskDiTPipeline
-        for pipe in (
-            DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True),
-            MaskDiTPipeline.from_pretrained({str(tmp_path)!r}),
-        ):
-            assert type(pipe) is MaskDiTPipeline, type(pipe)
-            assert pipe.config.id2label[2] == "two,deux" and pipe.labels["deux"] == 2
-            pipe.set_progress_bar_config(disable=True)
-            images = pipe(class_labels=["one", 3], num_inference_steps=3, output_type="pt",
-                          generator=torch.Generator().manual_seed(0)).images
-            torch.testing.assert_close(images, torch.load({str(tmp_path / "expected.pt")!r}))
-        print("LOADED-OK")
-        """
+    assert_loads_in_a_fresh_process(
+        tmp_path,
+        "MaskDiTPipeline",
+        'class_labels=["one", 3], num_inference_steps=3',
+        _run(pipe, class_labels=["one", 3]),
+        checks='assert pipe.config.id2label[2] == "two,deux" and pipe.labels["deux"] == 2',
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert "LOADED-OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_from_pretrained_without_flag_refuses_a_foreign_shim(pipe, tmp_path):

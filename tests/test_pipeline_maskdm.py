@@ -1,9 +1,6 @@
 import inspect
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from unittest import mock
 
 import numpy as np
@@ -12,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 
 from diffusers_masked import MaskDMPipeline
+from tests.launch import assert_loads_in_a_fresh_process
 from tests.tiny import tiny_transformer, tiny_uvit
 
 NUM_CLASSES = 4
@@ -347,24 +345,9 @@ def test_from_pretrained_in_this_process_gives_the_same_images(pipe32, tmp_path)
 
 def test_fresh_process_loads_both_ways_and_generates_the_same_images(pipe32, tmp_path):
     pipe32.save_pretrained(tmp_path)
-    expected = _run(pipe32, class_labels=[1, 3], guidance_scale=2.0)
-    torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from diffusers import DiffusionPipeline
-        from diffusers_masked import MaskDMPipeline
-        for pipe in (
-            DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True),
-            MaskDMPipeline.from_pretrained({str(tmp_path)!r}),
-        ):
-            assert type(pipe) is MaskDMPipeline, type(pipe)
-            pipe.set_progress_bar_config(disable=True)
-            images = pipe(class_labels=[1, 3], guidance_scale=2.0, num_inference_steps=4, output_type="pt",
-                          generator=torch.Generator().manual_seed(0)).images
-            torch.testing.assert_close(images, torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
-        print("LOADED-OK")
-        """
+    assert_loads_in_a_fresh_process(
+        tmp_path,
+        "MaskDMPipeline",
+        "class_labels=[1, 3], guidance_scale=2.0, num_inference_steps=4",
+        _run(pipe32, class_labels=[1, 3], guidance_scale=2.0),
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert "LOADED-OK" in result.stdout, result.stderr[-3000:]

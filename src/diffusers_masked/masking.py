@@ -277,6 +277,11 @@ def _check_steps(num_steps: int) -> int:
     return num_steps
 
 
+def _progress(step: int, num_steps: int) -> float:
+    """How far `step` is through `num_steps`, in [0, 1] (0 before the start, 1 from the end on)."""
+    return min(max(step, 0) / num_steps, 1.0)
+
+
 @dataclass(frozen=True)
 class ConstantMaskSchedule:
     """The same ratio at every step."""
@@ -314,7 +319,7 @@ class CosinePowerMaskSchedule:
             raise ValueError(f"power must be > 0, got {self.power}")
 
     def __call__(self, step: int) -> float:
-        progress = min(max(step, 0) / self.num_steps, 1.0)
+        progress = _progress(step, self.num_steps)
         return float(self.initial_ratio * math.cos(math.pi / 2 * progress) ** self.power)
 
     def to_dict(self) -> dict:
@@ -336,7 +341,7 @@ class LinearMaskSchedule:
         _check_ratio(self.end_ratio, "end_ratio")
 
     def __call__(self, step: int) -> float:
-        progress = min(max(step, 0) / self.num_steps, 1.0)
+        progress = _progress(step, self.num_steps)
         return float(self.start_ratio + (self.end_ratio - self.start_ratio) * progress)
 
     def to_dict(self) -> dict:

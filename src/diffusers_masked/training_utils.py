@@ -11,8 +11,10 @@
   when its shadow parameters are FSDP2 shards.
 - Data (`load_training_data`), sample grids (`sample_grid`, `image_grid`), and process
   set-up (`configure_cpu_threads`, `check_distributed_launch`, `check_ranks_agree`).
-- A run from start to end (`setup_accelerator`, `start_run`, `load_start_model`, `train_phases`,
-  `save_validation_grid`, `evaluate_on_digits`, `publish_run`): what a training script's `main()` calls in order.
+- Command lines (`int_at_least`, `finite_float`, `apply_run_defaults`, `resolve_schedule_and_model_config`).
+- A run from start to end (`setup_accelerator`, `start_run`, `load_start_model`, `configure_model`,
+  `prepare_training`, `record_run`, `train_phases` with `masked_loss_fn` and `periodic_saves`, `finish_run`): what a
+  training script's `main()` calls in order.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .data import (
     make_preprocess,
     verify_images,
 )
-from .masking import ConstantMaskSchedule, CosinePowerMaskSchedule
+from .masking import ConstantMaskSchedule, CosinePowerMaskSchedule, parse_mask_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -1131,6 +1133,33 @@ def finite_float(low: float = -math.inf, high: float = math.inf, low_open: bool 
     return parse
 
 
+def apply_run_defaults(parser, args, digits_defaults: dict, general_defaults: dict) -> None:
+    """Fill the flags left unset (`None`) from the built-in digits recipe or, with a dataset or image folder, from the
+    defaults for a user's own data; ``args.builtin_digits`` says which. Exits through `parser.error` when both a
+    dataset and an image folder are given."""
+    if args.dataset_name and args.train_data_dir:
+        parser.error("give either --dataset_name or --train_data_dir, not both")
+    args.builtin_digits = args.dataset_name is None and args.train_data_dir is None
+    for name, value in (digits_defaults if args.builtin_digits else general_defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def resolve_schedule_and_model_config(parser, args, model_cls) -> None:
+    """Check ``--mask_schedule`` / ``--mask_ratio`` and ``--model_config`` before any work, into
+    ``args.masked_schedule`` and (without start weights) ``args.model_config_resolved``; exits through
+    `parser.error` naming the flag."""
+    try:
+        args.masked_schedule = parse_mask_schedule(args.mask_schedule, default_ratio=args.mask_ratio)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--mask_schedule / --mask_ratio: {err}")
+    if args.pretrained_model_name_or_path is None:
+        try:
+            args.model_config_resolved = resolve_model_config(args.model_config, model_cls)
+        except (ValueError, TypeError, KeyError) as err:
+            parser.error(f"--model_config: {err}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A run, from start to end
 # ---------------------------------------------------------------------------------------------------------
@@ -1148,7 +1177,6 @@ def setup_accelerator(
     use_ema: bool = True,
     cpu_threads: int | None = None,
     seed: int = 0,
-    find_unused_parameters: bool = False,
 ):
     """The run's `Accelerator` and whether it shards the model (FSDP), after the checks every script needs: as many
     processes set up as launched, EMA only under FSDP version 2, this process's share of the CPU cores, the seed.
@@ -1161,14 +1189,15 @@ def setup_accelerator(
         use_ema (`bool`, defaults to `True`): the run keeps an EMA (refused under FSDP version 1).
         cpu_threads (`int`, *optional*): see `configure_cpu_threads`.
         seed (`int`, defaults to 0): `accelerate.utils.set_seed`.
-        find_unused_parameters (`bool`, defaults to `False`): DDP's option, for models with parameters a step may
-            not use (MaskDiT's mask token in the unmasking phase).
+
+    DDP runs without `find_unused_parameters`: the models keep every parameter in every training step's graph
+    (MaskDiT's mask token too, unmasked), so DDP need not search the graph for unused ones each step.
 
     Returns:
         `tuple`: ``(accelerator, sharded)``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
     output_dir = Path(output_dir)
     accelerator = Accelerator(
@@ -1176,7 +1205,6 @@ def setup_accelerator(
         mixed_precision=mixed_precision,
         log_with=report_to if report_to != "none" else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_distributed_launch(accelerator)
@@ -1271,6 +1299,209 @@ def load_start_model(path: str | os.PathLike, model_cls):
         raise ValueError(f"{weights} does not fit the checkpoint's model config: {_diff(expected, found)}")
     model.load_state_dict(state_dict)
     return model
+
+
+def configure_model(
+    model, *, gradient_checkpointing: bool = False, attention_backend: str | None = None, torch_compile: bool = False
+):
+    """The model's training options, before `accelerator.prepare`: gradient checkpointing, a diffusers attention
+    backend (`set_attention_backend`, e.g. ``"flash"``) and regional compilation of its repeated blocks
+    (`compile_repeated_blocks`, one compiled graph for all blocks of a kind). Returns the model."""
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if attention_backend:
+        model.set_attention_backend(attention_backend)
+    if torch_compile:
+        model.compile_repeated_blocks()
+    return model
+
+
+def prepare_training(
+    accelerator,
+    model,
+    sharded: bool,
+    *,
+    learning_rate: float,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_weight_decay: float = 0.0,
+    adam_epsilon: float = 1e-8,
+    adam_fused: bool = True,
+    use_ema: bool = True,
+    ema_decay: float = 0.9999,
+    ema_warmup: bool = False,
+):
+    """AdamW and diffusers' `EMAModel` for `model`, prepared by `accelerator`.
+
+    Unsharded, the EMA averages the model's own parameters; under FSDP each rank keeps the average of its own shards
+    (the shadow parameters are sharded like the prepared model's), saved and loaded with
+    `torch.distributed.checkpoint` beside accelerate's state. The learning rate is set from the phases before every
+    step (`train_phases`), so the checkpoint needs no scheduler object.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator.
+        model (`torch.nn.Module`): the model, not yet prepared.
+        sharded (`bool`): the run is FSDP (`setup_accelerator`).
+        learning_rate (`float`): AdamW's initial learning rate.
+        adam_betas, adam_weight_decay, adam_epsilon: AdamW's.
+        adam_fused (`bool`, defaults to `True`): torch's fused AdamW kernel.
+        use_ema (`bool`, defaults to `True`): keep an EMA.
+        ema_decay (`float`, defaults to 0.9999), ema_warmup (`bool`, defaults to `False`): `EMAModel`'s `decay` and
+            `use_ema_warmup`.
+
+    Returns:
+        `tuple`: ``(model, optimizer, ema)``, the first two prepared; `ema` is `None` without EMA.
+    """
+    from diffusers.training_utils import EMAModel
+
+    model_cls, model_config = type(model), model.config
+
+    def make_ema(parameters):
+        return EMAModel(
+            parameters, decay=ema_decay, use_ema_warmup=ema_warmup, model_cls=model_cls, model_config=model_config
+        )
+
+    ema = make_ema(model.parameters()) if use_ema and not sharded else None
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=learning_rate,
+        betas=adam_betas,
+        weight_decay=adam_weight_decay,
+        eps=adam_epsilon,
+        fused=adam_fused or None,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if use_ema and sharded:
+        ema = make_ema(model.parameters())
+    if ema is not None:
+        ema.to(accelerator.device)
+    return model, optimizer, ema
+
+
+def check_batch_sizes(accelerator, num_examples: int, batch_sizes: Sequence[int]) -> None:
+    """Every phase's batch must fit the data now, not hours in when its phase begins (`StepBatchSampler` raises)."""
+    for batch_size in batch_sizes:
+        StepBatchSampler(num_examples, batch_size, accelerator.num_processes, accelerator.process_index, seed=0)
+
+
+def run_config(args, mask_schedule, **extra) -> dict:
+    """The run's flags as recorded in ``training_config.json``, the checkpoints and the model card: the parsed
+    arguments without secrets (``hub_token``) or private entries, the resolved `mask_schedule` and `extra`."""
+    config = {
+        k: v for k, v in vars(args).items() if k not in ("masked_schedule", "hub_token") and not k.startswith("_")
+    }
+    config.update(extra)
+    config["mask_schedule_resolved"] = mask_schedule.to_dict()
+    return config
+
+
+def record_run(accelerator, output_dir: str | os.PathLike, run_id: str, model, config: dict) -> dict:
+    """Write `config` to ``output_dir/training_config.json`` (main process) and return the training state that
+    every checkpoint of the run carries: its lineage, the model config and the run config."""
+    model_config = {k: v for k, v in accelerator.unwrap_model(model).config.items() if not k.startswith("_")}
+    if accelerator.is_main_process:
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        (Path(output_dir) / "training_config.json").write_text(text)
+    return {"run_id": run_id, "model_config": model_config, "run": config}
+
+
+def masked_loss_fn(
+    accelerator,
+    model,
+    scheduler,
+    data: TrainingData,
+    *,
+    mask_type: str,
+    mask_block_size: int = 2,
+    class_dropout_prob: float = 0.0,
+    **loss_kwargs,
+) -> Callable:
+    """The `compute_loss` of `train_phases`: a batch's clean samples (pixels, or latents drawn from their cached
+    posteriors), its labels with dropout for classifier-free guidance (class-conditional data), a mask of the step's
+    ratio, and ``scheduler.masked_training_loss`` (the scheduler's objective: EDM for MaskDiT, DDPM for MaskDM).
+
+    The mask's count of removed tokens (`generated_mask_count`) goes into the loss as ``num_masked``, so the step
+    reads no tensor value on the host.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the run's accelerator (its device).
+        model (`torch.nn.Module`): the prepared model.
+        scheduler: a scheduler with `MaskedTrainingMixin`.
+        data (`TrainingData`): the run's data (`load_training_data`).
+        mask_type (`str`): one of `MASK_TYPES`.
+        mask_block_size (`int`, defaults to 2): block side of ``"block"`` masks.
+        class_dropout_prob (`float`, defaults to 0.0): label dropout (`drop_class_labels`).
+        loss_kwargs: passed to `masked_training_loss`, e.g. ``mae_loss_weight``.
+    """
+    from .data import sample_latents
+    from .masking import generate_mask, generated_mask_count
+    from .schedulers.masked_training import drop_class_labels
+
+    patch_size = accelerator.unwrap_model(model).config.patch_size
+    grid_size = (data.sample_size // patch_size, data.sample_size // patch_size)
+    scaling_factor = data.vae.config.scaling_factor if data.vae is not None else None
+    device = accelerator.device
+
+    def compute_loss(batch, generator, mask_ratio, phase):
+        if data.vae is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            clean = sample_latents(batch, scaling_factor, generator=generator)
+        else:
+            clean = batch["pixel_values"].to(device)
+        labels = None
+        if data.num_classes:
+            labels = drop_class_labels(
+                batch["class_labels"].to(device), data.num_classes, class_dropout_prob, generator=generator
+            )
+        mask, num_masked = None, None
+        if mask_ratio > 0:
+            num_masked = generated_mask_count(mask_type, grid_size, mask_ratio, mask_block_size)
+            mask = generate_mask(
+                mask_type,
+                clean.shape[0],
+                grid_size,
+                mask_ratio,
+                block_size=mask_block_size,
+                generator=generator,
+                device=device,
+            )
+        return scheduler.masked_training_loss(
+            model, clean, class_labels=labels, mask=mask, generator=generator, num_masked=num_masked, **loss_kwargs
+        )
+
+    return compute_loss
+
+
+def periodic_saves(
+    accelerator,
+    model,
+    ema,
+    sharded: bool,
+    output_dir: str | os.PathLike,
+    training_state: dict,
+    *,
+    end: int,
+    checkpointing_steps: int,
+    checkpoints_total_limit: int | None,
+    validation_steps: int,
+    validation_grid: Callable,
+    tag: str = "validation",
+) -> Callable[[int], None]:
+    """The `after_step` of `train_phases`: a checkpoint every `checkpointing_steps` steps before `end` (the final one
+    is `finish_run`'s), and every `validation_steps` steps a grid from the EMA weights, ``validation_grid(model)``,
+    saved by `save_validation_grid` under `tag`.
+
+    Unsharded, only the main process samples. Under FSDP every rank must: each rank swaps its own EMA shards in, and
+    all of them run the same sampling loop (same seed, same steps) so that their forwards' all-gathers pair up."""
+
+    def after_step(step: int) -> None:
+        if checkpointing_steps and step % checkpointing_steps == 0 and step < end:
+            save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit, training_state, ema, sharded)
+        if validation_steps and step % validation_steps == 0 and (sharded or accelerator.is_main_process):
+            with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
+                grid = validation_grid(ema_model)
+            save_validation_grid(accelerator, grid, output_dir, step, tag=tag)
+
+    return after_step
 
 
 def train_phases(
@@ -1466,3 +1697,72 @@ def publish_run(
     logger.info(f"saved the EMA pipeline, samples.png and the model card to {output_dir}")
     if push_to_hub:
         pipeline.push_to_hub(repo_id, model_card=card, token=hub_token)
+
+
+def finish_run(
+    accelerator,
+    model,
+    ema,
+    sharded: bool,
+    output_dir: str | os.PathLike,
+    global_step: int,
+    training_state: dict,
+    *,
+    model_cls,
+    checkpoints_total_limit: int | None,
+    make_pipeline: Callable,
+    final_grid: Callable,
+    dataset_name: str,
+    digits_evaluation: dict | None = None,
+    save_online: bool = False,
+    log_step: int | None = None,
+    repo_id: str | None = None,
+    push_to_hub: bool = False,
+    hub_token: str | None = None,
+):
+    """The end of a run: the final checkpoint, a check that data-parallel ranks agree, the EMA weights gathered into
+    ``make_pipeline(model)``, the optional digits evaluation (`evaluate_on_digits`), and `publish_run`. Every rank
+    calls this; the main process writes.
+
+    Args:
+        model_cls (`type`): the model's class (`export_ema_model`).
+        checkpoints_total_limit (`int`, *optional*): see `save_checkpoint`.
+        make_pipeline (`Callable`): the pipeline around a final model.
+        final_grid (`Callable`): ``samples.png`` from the pipeline, when the evaluation gives no grid of its samples.
+        dataset_name (`str`): for the model card.
+        digits_evaluation (`dict`, *optional*): `evaluate_on_digits`'s keyword arguments; its metrics are logged
+            at `log_step` (defaults to `global_step`).
+        save_online (`bool`, defaults to `False`): also save the trained (online) weights, what a following
+            fine-tuning starts from.
+        repo_id, push_to_hub, hub_token: see `publish_run`.
+    """
+    save_checkpoint(accelerator, output_dir, global_step, checkpoints_total_limit, training_state, ema, sharded)
+    if not sharded:
+        check_ranks_agree(accelerator, model)
+    sharded_ema = ema if sharded else None
+    if save_online:
+        final_model, online = export_ema_model(accelerator, model, ema, model_cls, sharded_ema, return_online=True)
+    else:
+        final_model, online = export_ema_model(accelerator, model, ema, model_cls, sharded_ema), None
+    if not accelerator.is_main_process:
+        return
+    pipeline = make_pipeline(final_model)
+    eval_results, grid = None, None
+    if digits_evaluation is not None:
+        metrics, eval_results, grid = evaluate_on_digits(pipeline, output_dir, **digits_evaluation)
+        accelerator.log(
+            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+            step=global_step if log_step is None else log_step,
+        )
+    publish_run(
+        pipeline,
+        output_dir,
+        grid=grid if grid is not None else final_grid(pipeline),
+        training_config=training_state["run"],
+        dataset_name=dataset_name,
+        eval_results=eval_results,
+        online_model=online if save_online else None,
+        repo_id=repo_id,
+        push_to_hub=push_to_hub,
+        hub_token=hub_token,
+    )

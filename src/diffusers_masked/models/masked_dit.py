@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
-from .modeling_utils import StrictLoadingMixin
+from .modeling_utils import StrictLoadingMixin, check_positive_ints
 
 # ModelMixin is imported above for folders saved by diffusers-masked 0.1: they name this module as their transformer's
 # library, and diffusers looks the loadable base classes up in that module's namespace.
@@ -263,16 +263,14 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         freq_shift: int = 0,
     ):
         super().__init__()
-        for name, value in [
-            ("sample_size", sample_size),
-            ("patch_size", patch_size),
-            ("in_channels", in_channels),
-            ("num_layers", num_layers),
-            ("num_attention_heads", num_attention_heads),
-            ("attention_head_dim", attention_head_dim),
-        ]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            sample_size=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_layers=num_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+        )
         if sample_size % patch_size:
             raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}")
         if decoder_num_layers < 0:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
 from .masked_dit import MaskedDiTTransformer2DModelOutput, SelfAttention, check_transformer_inputs
-from .modeling_utils import StrictLoadingMixin
+from .modeling_utils import StrictLoadingMixin, check_positive_ints
 
 # MaskDM's sizes (its configs: width 512, 8 heads at 64 px; 768, 12 heads at 256 px; patch 4). Both have 13 blocks:
 # the official `encoder_depth` (13 for S, 12 for B) builds depth // 2 in-blocks, a mid-block and depth // 2 out-blocks.
@@ -122,15 +122,13 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
     ):
         super().__init__()
         height, width = _check_sample_size(sample_size)
-        for name, value in [
-            ("patch_size", patch_size),
-            ("in_channels", in_channels),
-            ("num_layers", num_layers),
-            ("num_attention_heads", num_attention_heads),
-            ("attention_head_dim", attention_head_dim),
-        ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_layers=num_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+        )
         if height % patch_size or width % patch_size:
             raise ValueError(f"sample_size={sample_size} must be divisible by patch_size={patch_size}")
         if num_layers % 2 == 0:

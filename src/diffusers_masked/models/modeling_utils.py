@@ -30,3 +30,14 @@ class StrictLoadingMixin(ModelMixin):
                 + ". Was config.json edited, or saved from another model? Save the model again with save_pretrained."
             )
         return (model, info) if wants_info else model
+
+
+def check_positive_ints(**values) -> None:
+    """Refuse a config value that is not a positive `int` (a bool, float or string included), naming the argument.
+
+    Raises:
+        ValueError: naming the first such argument and its value.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
