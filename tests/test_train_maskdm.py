@@ -48,14 +48,15 @@ def _launch(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------ flags
 
 
-def test_built_in_default_is_both_stages_on_the_digits_with_the_papers_optimizer():
+def test_built_in_default_is_both_stages_on_the_digits_and_own_data_gets_the_papers_optimizer():
     args = train.parse_args([])
     assert args.builtin_digits and args.output_dir == "maskdm-digits"
     assert args.max_train_steps > 0 and args.finetune_steps > 0 and args.label_column is None
-    assert (args.adam_beta1, args.adam_beta2) == (0.99, 0.99)
+    assert (args.adam_beta1, args.adam_beta2) == (0.9, 0.999)  # the paper's (0.99, 0.99) is for 200k-step runs
     assert [stage for stage, _ in train.stages_of(args)] == ["pretrain", "finetune"]
     real = train.parse_args(["--train_data_dir", "x"])
     assert real.adam_weight_decay == 0.03 and real.model_config == "MaskDM-B" and real.mask_type == "block"
+    assert (real.adam_beta1, real.adam_beta2) == (0.99, 0.99)
 
 
 def test_a_staged_schedule_string_sets_the_stage_one_ratios():
