@@ -34,6 +34,9 @@ from diffusers_masked import EDMHeunScheduler, MaskDiTPipeline, MaskedDiTTransfo
 from diffusers_masked.masking import MASK_TYPES
 from diffusers_masked.training_utils import (
     UNMASK_SCHEDULES,
+    add_model_runtime_arguments,
+    add_optimisation_arguments,
+    add_output_arguments,
     apply_run_defaults,
     build_phases,
     check_batch_sizes,
@@ -155,18 +158,7 @@ def parse_args(argv=None):
         help="Start from a saved transformer (or a pipeline folder with a 'transformer' subfolder), e.g. to run "
         "the unmasking tuning separately.",
     )
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument(
-        "--torch_compile",
-        action="store_true",
-        help="Compile the encoder and decoder blocks with torch.compile (diffusers' regional compile_repeated_blocks).",
-    )
-    parser.add_argument(
-        "--attention_backend",
-        type=str,
-        default=None,
-        help="A diffusers attention backend for the model, e.g. 'flash' or '_native_cudnn' (model.set_attention_backend).",
-    )
+    add_model_runtime_arguments(parser, "the encoder and decoder blocks")
     # Masked objective
     parser.add_argument("--mask_ratio", type=finite_float(0, 1, high_open=True), default=0.5, help="Mask ratio of the masked phase.")
     parser.add_argument(
@@ -198,45 +190,11 @@ def parse_args(argv=None):
     # Optimisation
     parser.add_argument("--train_batch_size", type=int_at_least(1), default=None, help="Per-process batch size.")
     parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Optimizer steps of the masked phase.")
-    parser.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
     parser.add_argument("--learning_rate", type=finite_float(0, low_open=True), default=None)
     parser.add_argument("--lr_warmup_steps", type=int_at_least(0), default=None)
-    parser.add_argument("--adam_beta1", type=finite_float(0, 1, high_open=True), default=0.9)
-    parser.add_argument("--adam_beta2", type=finite_float(0, 1, high_open=True), default=0.999)
-    parser.add_argument("--adam_weight_decay", type=finite_float(0), default=0.0)
-    parser.add_argument("--adam_epsilon", type=finite_float(0, low_open=True), default=1e-8)
-    parser.add_argument(
-        "--adam_fused",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="torch's fused AdamW kernel (CPU and CUDA). On CPU torch's default AdamW loops over the parameters, "
-        "4.6x slower at B/2 (docs/benchmarks.md); --no-adam_fused restores it.",
-    )
-    parser.add_argument("--max_grad_norm", type=finite_float(0, low_open=True), default=None, help="Clip gradients to this norm.")
-    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--ema_decay", type=finite_float(0, 1), default=None)
-    parser.add_argument(
-        "--ema_warmup", action=argparse.BooleanOptionalAction, default=None, help="EMAModel's decay warm-up."
-    )
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
-    parser.add_argument(
-        "--cpu_threads",
-        type=int_at_least(1),
-        default=None,
-        help="Torch threads per process when training on CPU. Default: this machine's cores / processes on it. "
-        "`accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs unless it was configured for CPU, which would "
-        "leave all but one core idle; this flag is applied after it.",
-    )
+    add_optimisation_arguments(parser, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0)
     # Checkpoints, logging, validation, output
-    parser.add_argument("--output_dir", type=str, default=None)
-    parser.add_argument("--checkpointing_steps", type=int_at_least(0), default=None)
-    parser.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--validation_steps", type=int_at_least(0), default=None)
+    add_output_arguments(parser)
     parser.add_argument("--num_validation_images_per_class", type=int_at_least(1), default=4)
     parser.add_argument("--validation_classes", type=int_at_least(1), default=10, help="How many classes the grids show.")
     parser.add_argument("--guidance_scale", type=finite_float(0), default=1.5)
@@ -247,9 +205,6 @@ def parse_args(argv=None):
         default=None,
         help="Digits only: samples per class for the final FID / accuracy evaluation (0 skips it).",
     )
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
     args = parser.parse_args(argv)
 
     apply_run_defaults(parser, args, DIGITS_DEFAULTS, GENERAL_DEFAULTS)

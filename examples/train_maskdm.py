@@ -36,6 +36,9 @@ from diffusers_masked.models.masked_uvit import MASKDM_SIZES
 from diffusers_masked.training_utils import (
     ONLINE_DIR,
     Phase,
+    add_model_runtime_arguments,
+    add_optimisation_arguments,
+    add_output_arguments,
     apply_run_defaults,
     check_batch_sizes,
     check_model_config,
@@ -169,18 +172,7 @@ def parse_args(argv=None):
         help="Start from these weights: a stage-1 output folder or checkpoint (its online weights), or a saved "
         "transformer or pipeline (e.g. a converted official checkpoint).",
     )
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument(
-        "--torch_compile",
-        action="store_true",
-        help="Compile the U-ViT blocks with torch.compile (diffusers' regional compile_repeated_blocks).",
-    )
-    parser.add_argument(
-        "--attention_backend",
-        type=str,
-        default=None,
-        help="A diffusers attention backend for the model, e.g. 'flash' or '_native_cudnn' (model.set_attention_backend).",
-    )
+    add_model_runtime_arguments(parser, "the U-ViT blocks")
     parser.add_argument("--beta_schedule", type=str, default="squaredcos_cap_v2", choices=BETA_SCHEDULES)
     # Stage 1: masked pre-training
     parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Stage-1 steps (0 skips it).")
@@ -209,28 +201,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--class_dropout_prob", type=finite_float(0, 1), default=0.15, help="Label dropout (conditional)."
     )
-    parser.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
-    parser.add_argument("--adam_beta1", type=finite_float(0, 1, high_open=True), default=None)
-    parser.add_argument("--adam_beta2", type=finite_float(0, 1, high_open=True), default=None)
-    parser.add_argument("--adam_weight_decay", type=finite_float(0), default=None)
-    parser.add_argument("--adam_epsilon", type=finite_float(0, low_open=True), default=1e-8)
-    parser.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--max_grad_norm", type=finite_float(0, low_open=True), default=None)
-    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--ema_decay", type=finite_float(0, 1), default=None)
-    parser.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
-    parser.add_argument("--cpu_threads", type=int_at_least(1), default=None)
+    add_optimisation_arguments(parser)  # AdamW betas and weight decay: the recipe defaults
     # Checkpoints, logging, validation, output
-    parser.add_argument("--output_dir", type=str, default=None)
-    parser.add_argument("--checkpointing_steps", type=int_at_least(0), default=None)
-    parser.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--validation_steps", type=int_at_least(0), default=None)
+    add_output_arguments(parser)
     parser.add_argument(
         "--num_validation_images", type=int_at_least(1), default=16, help="Images per grid (rows of 8)."
     )
@@ -241,9 +214,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--num_eval_samples_per_class", type=int_at_least(0), default=None, help="Digits only: FID samples / 10."
     )
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
     args = parser.parse_args(argv)
 
     apply_run_defaults(parser, args, DIGITS_DEFAULTS, GENERAL_DEFAULTS)

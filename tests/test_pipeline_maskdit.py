@@ -241,6 +241,18 @@ def test_push_to_hub_creates_repo_and_uploads_the_saved_folder(pipe):
     assert "maskdit" in uploaded["card"] and '"mask_ratio": 0.5' in uploaded["card"]
 
 
+@pytest.mark.parametrize(
+    "name,file,match",
+    [("../x.png", "x.png", "relative paths"), ("/x.png", "x.png", "relative paths"), ("a.png", "gone.png", "not a file")],
+)
+def test_push_to_hub_refuses_bad_extra_files_before_creating_the_repo(pipe, tmp_path, name, file, match):
+    (tmp_path / "x.png").write_bytes(b"png")
+    with mock.patch.object(HfApi, "create_repo") as create_repo:
+        with pytest.raises(ValueError, match=match):
+            pipe.push_to_hub("maskdit-tiny", extra_files={name: tmp_path / file})
+    create_repo.assert_not_called()
+
+
 
 def test_a_pipeline_whose_transformer_config_needs_missing_weights_fails_at_load(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)

@@ -1133,6 +1133,76 @@ def finite_float(low: float = -math.inf, high: float = math.inf, low_open: bool 
     return parse
 
 
+def add_model_runtime_arguments(parser: argparse.ArgumentParser, blocks: str) -> None:
+    """How the model executes (not what it computes): ``--gradient_checkpointing``, ``--torch_compile`` (regional
+    compilation of `blocks`, e.g. "the encoder and decoder blocks") and ``--attention_backend``."""
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help=f"Compile {blocks} with torch.compile (diffusers' regional compile_repeated_blocks).",
+    )
+    parser.add_argument(
+        "--attention_backend",
+        type=str,
+        default=None,
+        help="A diffusers attention backend for the model, e.g. 'flash' or '_native_cudnn' (model.set_attention_backend).",
+    )
+
+
+def add_optimisation_arguments(
+    parser: argparse.ArgumentParser, adam_beta1=None, adam_beta2=None, adam_weight_decay=None
+) -> None:
+    """The optimizer, EMA, precision and process flags both training scripts share. The AdamW betas and weight decay
+    default to the given values (`None`: filled later from the recipe's defaults, `apply_run_defaults`)."""
+    parser.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
+    parser.add_argument("--adam_beta1", type=finite_float(0, 1, high_open=True), default=adam_beta1)
+    parser.add_argument("--adam_beta2", type=finite_float(0, 1, high_open=True), default=adam_beta2)
+    parser.add_argument("--adam_weight_decay", type=finite_float(0), default=adam_weight_decay)
+    parser.add_argument("--adam_epsilon", type=finite_float(0, low_open=True), default=1e-8)
+    parser.add_argument(
+        "--adam_fused",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch's fused AdamW kernel (CPU and CUDA). On CPU torch's default AdamW loops over the parameters, "
+        "4.6x slower at B/2 (docs/benchmarks.md); --no-adam_fused restores it.",
+    )
+    parser.add_argument(
+        "--max_grad_norm", type=finite_float(0, low_open=True), default=None, help="Clip gradients to this norm."
+    )
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ema_decay", type=finite_float(0, 1), default=None)
+    parser.add_argument(
+        "--ema_warmup", action=argparse.BooleanOptionalAction, default=None, help="EMAModel's decay warm-up."
+    )
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
+    parser.add_argument(
+        "--cpu_threads",
+        type=int_at_least(1),
+        default=None,
+        help="Torch threads per process when training on CPU. Default: this machine's cores / processes on it. "
+        "`accelerate launch` sets OMP_NUM_THREADS=1 for CPU runs unless it was configured for CPU, which would "
+        "leave all but one core idle; this flag is applied after it.",
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a run writes and what it keeps: output folder, checkpoints and resuming, trackers, the validation
+    period, and the Hub upload of the final pipeline."""
+    parser.add_argument("--output_dir", type=str, default=None)
+    parser.add_argument("--checkpointing_steps", type=int_at_least(0), default=None, help="0: no periodic ones.")
+    parser.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--validation_steps", type=int_at_least(0), default=None, help="0: no validation grids.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline, card and samples.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Defaults to --output_dir's name.")
+    parser.add_argument("--hub_token", type=str, default=None)
+
+
 def apply_run_defaults(parser, args, digits_defaults: dict, general_defaults: dict) -> None:
     """Fill the flags left unset (`None`) from the built-in digits recipe or, with a dataset or image folder, from the
     defaults for a user's own data; ``args.builtin_digits`` says which. Exits through `parser.error` when both a
@@ -1696,7 +1766,9 @@ def publish_run(
     publish_pipeline(pipeline, output_dir, model_card=card)
     logger.info(f"saved the EMA pipeline, samples.png and the model card to {output_dir}")
     if push_to_hub:
-        pipeline.push_to_hub(repo_id, model_card=card, token=hub_token)
+        pipeline.push_to_hub(
+            repo_id, model_card=card, token=hub_token, extra_files={"samples.png": output_dir / "samples.png"}
+        )
 
 
 def finish_run(

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import keyword
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -314,16 +315,27 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         token: str | None = None,
         create_pr: bool = False,
         safe_serialization: bool = True,
+        extra_files: dict[str, str | os.PathLike] | None = None,
     ):
         """Create (or reuse) the Hub repo `repo_id`, save the pipeline with its shim and a model card, upload.
 
-        Returns the `huggingface_hub` commit info of the upload.
+        `extra_files` maps names in the repo to local files uploaded beside the pipeline (a training run's
+        ``samples.png``, which its model card shows). Returns the `huggingface_hub` commit info of the upload.
         """
+        extra_files = dict(extra_files or {})
+        for name, path in extra_files.items():
+            if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+                raise ValueError(f"extra_files names must be relative paths inside the repo, got {name!r}")
+            if not Path(path).is_file():
+                raise ValueError(f"extra_files[{name!r}] = {str(path)!r} is not a file")
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         card = model_card or self.create_model_card(repo_id, training_config=training_config, eval_results=eval_results)
         with tempfile.TemporaryDirectory() as tmpdir:
             self.save_pretrained(tmpdir, model_card=card, safe_serialization=safe_serialization)
+            for name, path in extra_files.items():
+                (Path(tmpdir) / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, Path(tmpdir) / name)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=tmpdir,
