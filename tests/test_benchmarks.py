@@ -1,5 +1,6 @@
 """The benchmark's statistics and allocator setting (its timings are measured by running it, never asserted here)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -145,6 +146,30 @@ def test_time_to_quality_interpolates_the_first_crossing_of_the_target_fid():
     assert bench.first_time_at(points, 20.0, "train_seconds") == pytest.approx(25.0)
     assert bench.first_time_at(points, 45.0, "train_seconds") == 10.0  # reached at the first evaluation
     assert bench.first_time_at(points, 5.0, "train_seconds") is None
+    accuracy = [{"accuracy": 0.2, "step": 10}, {"accuracy": 0.6, "step": 20}, {"accuracy": 1.0, "step": 30}]
+    assert bench.first_time_at(accuracy, 0.8, "step", metric="accuracy") == pytest.approx(25.0)  # higher is better
+    assert bench.first_time_at(accuracy, 0.1, "step", metric="accuracy") == 10
+
+
+def test_time_to_quality_explains_a_target_not_reached_by_fid_at_equal_steps_and_time_to_accuracy():
+    bench = _time_to_quality()
+    point = lambda fid, seconds, step: {"fid": fid, "train_seconds": seconds, "step": step}  # noqa: E731
+    base = {"arm": "unmasked", "baseline": None, "seed": 0, "steps": 100, "seconds_per_step": 1.0,
+            "points": [point(50.0, 50.0, 50), point(20.0, 100.0, 100)]}  # fmt: skip
+    masked = {"arm": "mask_mae", "baseline": "unmasked", "seed": 0, "steps": 200, "seconds_per_step": 0.5,
+              "points": [point(60.0, 50.0, 100), point(30.0, 100.0, 200)]}  # fmt: skip
+    for run, accuracies in ((base, (0.5, 0.9)), (masked, (0.7, 1.0))):
+        for p, a in zip(run["points"], accuracies):
+            p["accuracy"] = a
+    (row,) = bench.compare([base, masked], argparse.Namespace(budget_seconds=100.0))
+    assert row["wall_clock_ratio"] is None and row["steps_to_quality_ratio"] is None  # FID 20 never reached
+    assert row["step_time_ratio"] == pytest.approx(0.5)
+    assert row["fid_at_baseline_steps"] == 60.0  # its first evaluation was at the baseline's 100 steps
+    # The baseline's final accuracy 0.9 is reached at 50 + (0.9 - 0.7) / (1.0 - 0.7) * 50 s of the 100 s budget.
+    assert row["target_accuracy"] == 0.9
+    assert row["accuracy_wall_clock_ratio"] == pytest.approx((50.0 + 50.0 * 2.0 / 3.0) / 100.0)
+    assert bench.fid_at(base["points"], "step", 75) == pytest.approx(35.0)
+    assert bench.fid_at(base["points"], "step", 101) is None
 
 
 def test_time_to_quality_refuses_a_comparison_without_its_baseline():
@@ -161,3 +186,19 @@ def test_time_to_quality_quick_run_writes_runs_comparisons_json_and_plot(tmp_pat
     assert record["comparisons"][0]["baseline"] == "unmasked"
     assert json.loads((tmp_path / "t.json").read_text())["machine"]["cores"] == os.cpu_count()
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --from_json recomputes the comparisons and the plot of the finished run without training again.
+    (tmp_path / "t.png").unlink()
+    again = _time_to_quality().main(["--from_json", str(tmp_path / "t.json")])
+    assert again["comparisons"] == record["comparisons"] and again["runs"] == record["runs"]
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_unmasked_step_target_is_one_plus_the_light_decoders_flop_share_of_dit():
+    # Closed form per token and block: 24 D^2 (qkv, output, 4x MLP; 2 FLOPs per multiply-add) + 4 N D (attention).
+    # S/2 at 32x32 latents: N = 256 tokens, DiT 12 blocks of 384, the light decoder 2 blocks of 128.
+    per_block = lambda width, tokens: 24 * width**2 + 4 * tokens * width  # noqa: E731
+    expected = 1 + 2 * per_block(128, 256) / (12 * per_block(384, 256))
+    target = train_step.unmasked_step_target("S/2", 32, 0)
+    assert target == pytest.approx(expected, abs=0.005)  # embedders, adaLN and the final layers are the rest
+    assert 1.0 < target < 1.05
+
