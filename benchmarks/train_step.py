@@ -635,7 +635,7 @@ def count_forward_flops(model, batch: dict, mask) -> tuple[int, int]:
     return counter.get_total_flops() - attention, attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unmasked_step_target(preset: str, resolution: int, seed: int) -> float:
     """The unmasked step target at `preset`: 1 + the light decoder's share of DiT's forward FLOPs, i.e. ours (light
     decoder, mask 0) over diffusers' DiT, attention included, for one sample."""
