@@ -240,8 +240,9 @@ def test_attention_gradients_equal_the_float64_reference():
     # The backward of the fused projection's split (the part autograd assembles from three gradients) against the
     # same formula written out in float64, with one upstream gradient for both.
     attention = tiny_model().transformer_blocks[0].attn1
-    x = torch.randn(2, 5, attention.num_heads * attention.head_dim, requires_grad=True)
-    upstream = torch.randn_like(x)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, attention.num_heads * attention.head_dim, generator=generator).requires_grad_()
+    upstream = torch.randn(x.shape, generator=generator)
     attention(x).backward(upstream)
 
     x64 = x.detach().double().requires_grad_()
@@ -249,7 +250,10 @@ def test_attention_gradients_equal_the_float64_reference():
     b_qkv = attention.to_qkv.bias.detach().double().requires_grad_()
     _reference_attention(attention, x64, w_qkv, b_qkv).backward(upstream.double())
     for ours, reference in [(x.grad, x64.grad), (attention.to_qkv.weight.grad, w_qkv.grad), (attention.to_qkv.bias.grad, b_qkv.grad)]:
-        torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-6)
+        # float32 sums over the 10 tokens: an absolute error of a few 1e-7 of the gradient's scale (a near-zero
+        # entry then has a huge relative error; 1.7e-6 was seen on an AMD host with unseeded inputs).
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_query_key_value_are_each_initialised_as_a_square_xavier_map():
