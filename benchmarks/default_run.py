@@ -11,14 +11,14 @@ Extra arguments after `--` are passed to the training script (e.g. `-- --max_tra
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
+from _machine import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,10 +57,7 @@ def main():
         "unmask_tuning_steps": config["unmask_tuning_steps"],
         "train_batch_size": config["train_batch_size"],
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            **machine(),
             # Other work on the machine inflates the wall time; a load above the core count means it was shared.
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load_after],

@@ -15,7 +15,6 @@ Prints a table, writes JSON and a PNG plot into benchmarks/results/.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,9 @@ from pathlib import Path
 import torch
 
 from diffusers_masked.evaluation import evaluate_pipeline_on_digits, sampling
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
+from _machine import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLERS = {"edm_heun": "EDM Heun", "edm_euler": "EDM Euler", "edm_dpmsolver": "EDM DPM-Solver++ (2M)"}
@@ -72,19 +74,6 @@ def train_default(output_dir: str, train_args: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
     return time.perf_counter() - start
-
-
-def machine() -> dict:
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def plot(rows: list[dict], floor: float, path: str) -> None:
@@ -175,7 +164,7 @@ def main(argv=None) -> dict:
         "fid_floor": floor,
         "results": rows,
         "target": target,
-        "machine": machine(),
+        "machine": machine(args.device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

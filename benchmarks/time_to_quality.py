@@ -35,8 +35,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -58,6 +56,9 @@ from diffusers_masked import (
 )
 from diffusers_masked.data import load_digits_arrays
 from diffusers_masked.evaluation import evaluate_pipeline_on_digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
+from _machine import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -304,16 +305,6 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(runs: list[dict], rows: list[dict]) -> str:
     lines = ["| arm | seed | steps | s/step | final FID | final accuracy |", "|---|---|---|---|---|---|"]
     for run in runs:
@@ -388,13 +379,7 @@ def main(argv=None) -> dict:
             "runs": runs,
             "comparisons": rows,
             "summary": summarise(rows),
-            "machine": {
-                "cpu": cpu_name(),
-                "cores": os.cpu_count(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            },
+            "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     print(table(runs, rows))

@@ -51,6 +51,9 @@ from diffusers_masked import EDMHeunScheduler
 from diffusers_masked.masking import num_masked_tokens, random_mask, visible_token_ids
 from diffusers_masked.models.masked_dit import MaskedDiTTransformer2DModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
+from _machine import cpu_model  # noqa: E402
+
 IN_CHANNELS = 4
 NUM_CLASSES = 1000
 DIT_OUT_CHANNELS = 8  # DiT predicts the noise and a variance interpolation per channel
@@ -687,16 +690,6 @@ def count_flops(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(args) -> dict:
