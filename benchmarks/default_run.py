@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Run the built-in default (`accelerate launch examples/train_maskdit.py` with no arguments) and report its wall
-time and evaluation: digits-FID against the real train split, the real-vs-real held-out floor, and the share of
-samples the digits classifier assigns to the requested class.
+"""Run a built-in default (`accelerate launch examples/train_maskdit.py` or `train_maskdm.py` with no arguments)
+and report its wall time and evaluation: digits-FID against the real train split, the real-vs-real held-out floor,
+and (MaskDiT, class-conditional) the share of samples the digits classifier assigns to the requested class.
 
     python benchmarks/default_run.py [--output_dir /tmp/maskdit-digits] [--output benchmarks/results/default_run.json]
+    python benchmarks/default_run.py --recipe maskdm    # writes benchmarks/results/maskdm_default_run.json
 
 Extra arguments after `--` are passed to the training script (e.g. `-- --max_train_steps 500` for a quick look).
 """
@@ -21,19 +22,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside t
 from _machine import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = {
+    # script, default output folder and JSON, the config keys that size the run
+    "maskdit": ("train_maskdit.py", "maskdit-digits", "default_run.json", ("max_train_steps", "unmask_tuning_steps")),
+    "maskdm": ("train_maskdm.py", "maskdm-digits", "maskdm_default_run.json", ("max_train_steps", "finetune_steps")),
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results" / "maskdit-digits"))
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "default_run.json"))
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: passed to train_maskdit.py")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="maskdit", help="Which training script's default.")
+    parser.add_argument("--output_dir", default=None, help="Default: benchmarks/results/<maskdit|maskdm>-digits.")
+    parser.add_argument("--output", default=None, help="Default: benchmarks/results/[maskdm_]default_run.json.")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: passed to the training script")
     args = parser.parse_args()
     extra = [a for a in args.train_args if a != "--"]
+    script, folder, json_name, size_keys = RECIPES[args.recipe]
+    args.output_dir = args.output_dir or str(REPO / "benchmarks" / "results" / folder)
+    args.output = args.output or str(REPO / "benchmarks" / "results" / json_name)
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += [str(REPO / "examples" / "train_maskdit.py"), "--output_dir", args.output_dir, *extra]
+    cmd += [str(REPO / "examples" / script), "--output_dir", args.output_dir, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     print(" ".join(cmd), flush=True)
     load_before = os.getloadavg()
@@ -46,15 +56,15 @@ def main():
     metrics = json.loads((out / "eval_results.json").read_text())
     config = json.loads((out / "training_config.json").read_text())
     record = {
-        "command": "accelerate launch examples/train_maskdit.py" + ("" if not extra else " " + " ".join(extra)),
+        "command": f"accelerate launch examples/{script}" + ("" if not extra else " " + " ".join(extra)),
         "wall_time_s": round(wall, 1),
         "fid_vs_train": metrics.get("fid"),
         "fid_floor_heldout": metrics.get("fid_floor"),
         "accuracy": metrics.get("accuracy"),
         "classifier_heldout_accuracy": metrics.get("classifier_heldout_accuracy"),
         "num_samples": metrics.get("num_fake"),
-        "max_train_steps": config["max_train_steps"],
-        "unmask_tuning_steps": config["unmask_tuning_steps"],
+        "num_inference_steps": metrics.get("num_inference_steps"),
+        **{key: config[key] for key in size_keys},
         "train_batch_size": config["train_batch_size"],
         "machine": {
             **machine(),
@@ -70,9 +80,12 @@ def main():
         ("wall time", f"{wall / 60:.1f} min"),
         ("digits-FID vs train split", f"{record['fid_vs_train']:.2f}"),
         ("FID floor (held-out real vs train)", f"{record['fid_floor_heldout']:.2f}"),
-        ("samples classified as requested", f"{100 * record['accuracy']:.1f}%"),
-        ("classifier held-out accuracy", f"{100 * record['classifier_heldout_accuracy']:.1f}%"),
     ]
+    if record["accuracy"] is not None:  # class-conditional runs only
+        rows += [
+            ("samples classified as requested", f"{100 * record['accuracy']:.1f}%"),
+            ("classifier held-out accuracy", f"{100 * record['classifier_heldout_accuracy']:.1f}%"),
+        ]
     width = max(len(name) for name, _ in rows)
     print("\n| metric | value |\n|---|---|")
     for name, value in rows:

@@ -118,6 +118,35 @@ def test_sampling_nfe_runs_every_sampler_and_writes_its_table_json_and_plot(tmp_
     assert "| EDM DPM-Solver++ (2M) |" in capsys.readouterr().out
 
 
+def test_sampling_nfe_maskdm_recipe_runs_ddim_with_each_eta_and_both_dpm_solvers(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from diffusers_masked import MaskDMPipeline
+    from tests.tiny import tiny_uvit
+
+    spec = importlib.util.spec_from_file_location("sampling_nfe", SCRIPT.parent / "sampling_nfe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    transformer = tiny_uvit(sample_size=16, in_channels=1, num_classes=0, seed=0)
+    MaskDMPipeline(transformer, MaskDMPipeline.default_scheduler()).save_pretrained(tmp_path / "pipeline")
+    argv = ["--recipe", "maskdm", "--pipeline_dir", str(tmp_path / "pipeline"), "--nfes", "1", "2"]
+    argv += ["--num_samples_per_class", "1", "--output", str(tmp_path / "nfe.json"), "--plot", str(tmp_path / "nfe.png")]
+    record = bench.main(argv)
+    fid = {(r["sampler"], r["nfe"]): r["fid"] for r in record["results"]}
+    assert list(fid) == [
+        (sampler, nfe) for sampler in ("ddim", "ddim_eta0", "dpmsolver", "dpmsolver_unclipped") for nfe in (1, 2)
+    ]
+    # One step from t = 999 lands on the model's x0 prediction for deterministic DDIM and for both DPM-Solvers
+    # (the images are clipped to [0, 1] at the end, so the bare one's unclipped x0 ends the same): the same samples,
+    # the same FID. At two steps DDIM with eta 1 adds noise that eta 0 does not: eta reached the pipeline.
+    assert fid["ddim_eta0", 1] == fid["dpmsolver", 1] == fid["dpmsolver_unclipped", 1]
+    assert fid["ddim", 2] != fid["ddim_eta0", 2]
+    assert record["recipe"] == "maskdm" and record["target"] is None
+    assert (tmp_path / "nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| DPM-Solver++ (2M), x0 clipped |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--samplers for --recipe maskdm"):
+        bench.parse_args(["--recipe", "maskdm", "--samplers", "edm_heun"])
+
+
 def test_sampling_nfe_refuses_even_nfes():
     spec = importlib.util.spec_from_file_location("sampling_nfe", SCRIPT.parent / "sampling_nfe.py")
     bench = importlib.util.module_from_spec(spec)

@@ -235,6 +235,61 @@ def test_ddpm_family_schedulers_swap_in_via_from_config(pipe, scheduler_cls, ove
     torch.testing.assert_close(images, expected_images)
 
 
+def _alpha_sigma(alphas_cumprod, t):
+    a = alphas_cumprod[int(t)].double()
+    return a.sqrt(), (1 - a).sqrt()
+
+
+def test_dpm_solver_scheduler_is_dpm_solver_pp_on_the_same_betas_with_x0_clipped():
+    ddim = MaskDMPipeline.default_scheduler(DDPMScheduler(beta_schedule="linear").config)
+    dpm = MaskDMPipeline.dpm_solver_scheduler(ddim.config)
+    assert isinstance(dpm, DPMSolverMultistepScheduler)
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
+    assert dpm.config.thresholding and dpm.config.sample_max_value == 1.0
+    torch.testing.assert_close(dpm.alphas_cumprod, ddim.alphas_cumprod)  # the linear betas carried over
+    assert MaskDMPipeline.dpm_solver_scheduler().config.beta_schedule == "squaredcos_cap_v2"  # MaskDM's default
+
+
+def test_dpm_solver_schedulers_first_step_is_the_data_prediction_update_with_x0_clipped():
+    # DPM-Solver++'s first step (first order) in closed form, float64: with lambda = log(alpha / sigma) and
+    # h = lambda_s - lambda_t, x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^-h) x0, where
+    # x0 = (x_t - sigma_t eps) / alpha_t, clipped to [-1, 1]. At t = 999 of the cosine schedule alpha_t is ~5e-5, so
+    # an eps off by 1% gives |x0| ~ 200 unclipped.
+    dpm = MaskDMPipeline.dpm_solver_scheduler(MaskDMPipeline.default_scheduler().config)
+    bare = DPMSolverMultistepScheduler.from_config(MaskDMPipeline.default_scheduler().config)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    eps = 1.01 * x  # x_T is almost pure noise: the right eps is about x_T itself
+
+    dpm.set_timesteps(10)
+    t, s = dpm.timesteps[:2]
+    assert int(t) == 999
+    alpha_t, sigma_t = _alpha_sigma(dpm.alphas_cumprod, t)
+    alpha_s, sigma_s = _alpha_sigma(dpm.alphas_cumprod, s)
+    h = torch.log(alpha_s / sigma_s) - torch.log(alpha_t / sigma_t)
+    x0 = (x - sigma_t * eps) / alpha_t
+    assert x0.abs().max() > 100
+    expected = (sigma_s / sigma_t) * x + alpha_s * (1 - torch.exp(-h)) * x0.clamp(-1, 1)
+    torch.testing.assert_close(dpm.step(eps, t, x).prev_sample, expected)
+
+    # The bare one takes the unclipped x0 and lands far outside the noise the model was trained on (|x| ~ 4 at t).
+    # (Its float32 sigmas, times an x0 in the hundreds, differ from the float64 formula by ~1e-5 relative.)
+    bare.set_timesteps(10)
+    unclipped = bare.step(eps, t, x).prev_sample
+    expected_unclipped = (sigma_s / sigma_t) * x + alpha_s * (1 - torch.exp(-h)) * x0
+    torch.testing.assert_close(unclipped, expected_unclipped, rtol=1e-4, atol=1e-6)
+    assert unclipped.abs().max() > 10 and expected.abs().max() < 6
+
+
+def test_the_samplers_dpmsolver_choice_is_the_clipped_one(uncond_pipe):
+    from diffusers_masked.evaluation import sampling
+
+    sampling.set_scheduler(uncond_pipe, "dpmsolver")
+    assert isinstance(uncond_pipe.scheduler, DPMSolverMultistepScheduler)
+    assert uncond_pipe.scheduler.config.thresholding and uncond_pipe.scheduler.config.sample_max_value == 1.0
+    _run(uncond_pipe, batch_size=1, num_inference_steps=3)
+
+
 def test_a_maskdit_transformer_works_too():
     transformer = tiny_transformer(scale=0.1, in_channels=3, num_classes=NUM_CLASSES).to(DTYPE)
     p = MaskDMPipeline(transformer, MaskDMPipeline.default_scheduler())

@@ -438,6 +438,7 @@ def evaluate_pipeline_on_digits(
     inception_weights_path: str | os.PathLike | None = None,
     allow_download: bool = False,
     return_samples: bool = False,
+    pipeline_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Generate ``num_samples_per_class`` digits of each class with a class-conditional pipeline and evaluate them;
     an unconditional pipeline (its transformer has ``num_classes=0``) draws ``10 * num_samples_per_class`` digits.
@@ -463,6 +464,8 @@ def evaluate_pipeline_on_digits(
         return_samples (`bool`, defaults to `False`): also return the generated images ``(N, C, H, W)`` in
             ``[0, 1]`` and their labels ``(N,)``, class by class (e.g. to show exactly what was evaluated); the labels
             are `None` for an unconditional pipeline.
+        pipeline_kwargs (`dict`, *optional*): further arguments of every pipeline call, e.g. ``{"eta": 0.0}`` for
+            a `MaskDMPipeline` sampling with DDIM.
 
     Returns:
         `dict`: `evaluate_digits_samples`' results plus the sampling settings; with ``return_samples=True``, the
@@ -477,6 +480,7 @@ def evaluate_pipeline_on_digits(
             call = (
                 {"class_labels": [label] * n, "guidance_scale": guidance_scale} if conditional else {"batch_size": n}
             )
+            call.update(pipeline_kwargs or {})
             output = pipeline(**call, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
             images.append(images_to_tensor(output.images))
             labels += [label] * n

@@ -114,11 +114,19 @@ def load_pipeline(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
 
 
 def set_scheduler(pipeline, name: str) -> None:
-    """Swap the pipeline's scheduler for one of `SCHEDULERS` by name, built from the current one's config."""
+    """Swap the pipeline's scheduler for one of `SCHEDULERS` by name, built from the current one's config.
+
+    ``"dpmsolver"`` is `MaskDMPipeline.dpm_solver_scheduler`: DPM-Solver++ with x0 clipped to [-1, 1], without
+    which an epsilon model's samples are noise."""
     import importlib
 
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+    if name == "dpmsolver":
+        from ..pipelines.pipeline_maskdm import MaskDMPipeline
+
+        pipeline.scheduler = MaskDMPipeline.dpm_solver_scheduler(pipeline.scheduler.config)
+        return
     module, class_name = SCHEDULERS[name].split(":")
     scheduler_cls = getattr(importlib.import_module(module), class_name)
     pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
