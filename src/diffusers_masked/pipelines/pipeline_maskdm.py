@@ -72,7 +72,7 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
         schedule) x0 is predicted as `(x_t - sqrt(1 - a) * eps) / sqrt(a)` with `sqrt(a)` about 5e-5, so any error
         in `eps` is multiplied by 2e4; unclipped, that x0 pushes the sample far outside what the model was trained
         on, and it never recovers. On the digits default a bare `DPMSolverMultistepScheduler.from_config` gave
-        samples of noise (digits-FID 689 at 25 steps) where this one gives 61 (docs/maskdm.md)."""
+        samples of noise (digits-FID 690 at 25 steps) where this one gives 61 (docs/maskdm.md)."""
         base = dict(config) if config is not None else {"beta_schedule": "squaredcos_cap_v2"}
         return DPMSolverMultistepScheduler.from_config(
             base,
