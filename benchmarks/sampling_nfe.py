@@ -5,7 +5,7 @@ trained with its default (or a given pipeline folder of either).
 
     python benchmarks/sampling_nfe.py                                  # trains the default recipe first
     python benchmarks/sampling_nfe.py --pipeline_dir maskdit-digits    # an existing digits pipeline
-    python benchmarks/sampling_nfe.py -- --max_train_steps 500         # after --: passed to train_maskdit.py
+    python benchmarks/sampling_nfe.py -- --max_train_steps 500         # after --: passed to the training script
     python benchmarks/sampling_nfe.py --recipe maskdm --pipeline_dir maskdm-digits
 
 Heun's N steps cost 2N - 1 evaluations, the other samplers' N. Every sampler and NFE draws the same samples' worth
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=120)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: passed to train_maskdit.py")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: passed to the training script")
     args = parser.parse_args(argv)
     samplers, nfes, _, folder, name = RECIPES[args.recipe]
     results_dir = REPO / "benchmarks" / "results"
