@@ -40,7 +40,14 @@ setup(
         "train": train_requires,
         # matplotlib draws the benchmarks' plots; mkdocs builds the docs site (offline, `mkdocs build --strict`).
         "dev": train_requires
-        + ["pytest>=7", "ruff>=0.4", "matplotlib", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+        + [
+            "pytest>=7",
+            "ruff>=0.4",
+            "matplotlib",
+            "mkdocs>=1.6",
+            "mkdocs-material>=9.5",
+            "mkdocstrings[python]>=0.26",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -54,7 +54,9 @@ RECIPES = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=tuple(RECIPES), default="maskdit", help="MaskDiT (EDM) or MaskDM (DDPM).")
-    parser.add_argument("--pipeline_dir", default=None, help="A saved digits pipeline of the recipe; default: train one.")
+    parser.add_argument(
+        "--pipeline_dir", default=None, help="A saved digits pipeline of the recipe; default: train one."
+    )
     parser.add_argument("--output_dir", default=None, help="Where a run trained here goes.")
     parser.add_argument("--output", default=None, help="Default: benchmarks/results/sampling_nfe[_maskdm].json.")
     parser.add_argument("--plot", default=None, help="Default: benchmarks/results/sampling_nfe[_maskdm].png.")

@@ -68,9 +68,7 @@ MASKDIT_CONFIG = dict(
     patch_size=2, in_channels=1, num_layers=6, num_attention_heads=4, attention_head_dim=32,
     decoder_num_layers=2, decoder_num_attention_heads=2, decoder_attention_head_dim=32, num_classes=NUM_CLASSES,
 )  # fmt: skip
-UVIT_CONFIG = dict(
-    patch_size=2, in_channels=1, num_layers=7, num_attention_heads=4, attention_head_dim=32
-)
+UVIT_CONFIG = dict(patch_size=2, in_channels=1, num_layers=7, num_attention_heads=4, attention_head_dim=32)
 QUICK_OVERRIDES = dict(num_layers=1, decoder_num_layers=1)
 
 

@@ -92,7 +92,11 @@ def parse_args(argv=None):
         help="DiT presets to time. S/2 alone keeps the default run near 10 minutes on 2 CPU cores; B/2 adds ~13.",
     )
     parser.add_argument(
-        "--batch_sizes", nargs="+", type=int, default=None, help="Per-device batch sizes; default 8 on CPU, 32 64 128 on CUDA."
+        "--batch_sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="Per-device batch sizes; default 8 on CPU, 32 64 128 on CUDA.",
     )
     parser.add_argument(
         "--compile",
@@ -178,7 +182,9 @@ def parse_args(argv=None):
     if any(b < 1 for b in args.batch_sizes):
         parser.error(f"--batch_sizes must be >= 1, got {args.batch_sizes}")
     if args.official_repo is not None and not (args.official_repo / "models" / "maskdit.py").is_file():
-        parser.error(f"--official_repo {args.official_repo} has no models/maskdit.py (a checkout of Anima-Lab/MaskDiT)")
+        parser.error(
+            f"--official_repo {args.official_repo} has no models/maskdit.py (a checkout of Anima-Lab/MaskDiT)"
+        )
     if args.dtype is None:
         args.dtype = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     if args.steps < 1:
@@ -268,7 +274,9 @@ def official_model(repo: Path, preset: str, resolution: int) -> torch.nn.Module:
         from models.maskdit import DiT_models
     finally:
         sys.path.remove(str(repo))
-    return DiT_models[f"DiT-{preset}"](input_size=resolution, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, use_decoder=True)
+    return DiT_models[f"DiT-{preset}"](
+        input_size=resolution, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, use_decoder=True
+    )
 
 
 def build_model(kind: str, preset: str, resolution: int, official_repo: Path | None = None) -> torch.nn.Module:
@@ -279,16 +287,19 @@ def build_model(kind: str, preset: str, resolution: int, official_repo: Path | N
         return Denoiser(official_model(official_repo, preset, resolution), patch_size, official=True)
     if kind == "dit":
         config = MaskedDiTTransformer2DModel.preset_config(preset)
-        return Denoiser(DiTTransformer2DModel(
-            num_attention_heads=config["num_attention_heads"],
-            attention_head_dim=config["attention_head_dim"],
-            num_layers=config["num_layers"],
-            in_channels=IN_CHANNELS,
-            out_channels=DIT_OUT_CHANNELS,
-            sample_size=resolution,
-            patch_size=config["patch_size"],
-            num_embeds_ada_norm=NUM_CLASSES,
-        ), patch_size)
+        return Denoiser(
+            DiTTransformer2DModel(
+                num_attention_heads=config["num_attention_heads"],
+                attention_head_dim=config["attention_head_dim"],
+                num_layers=config["num_layers"],
+                in_channels=IN_CHANNELS,
+                out_channels=DIT_OUT_CHANNELS,
+                sample_size=resolution,
+                patch_size=config["patch_size"],
+                num_embeds_ada_norm=NUM_CLASSES,
+            ),
+            patch_size,
+        )
     overrides = {"light": light_decoder(preset), "none": {"decoder_num_layers": 0}}.get(kind, {})
     return MaskedDiTTransformer2DModel.from_preset(
         preset, sample_size=resolution, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **overrides
@@ -482,7 +493,9 @@ def median_ci(
         return [values[0], values[0]] if values else [float("nan"), float("nan")]
     rng = random.Random(seed)
     medians = sorted(
-        statistics.median([v for group in rng.choices(groups, k=len(groups)) for v in rng.choices(group, k=len(group))])
+        statistics.median(
+            [v for group in rng.choices(groups, k=len(groups)) for v in rng.choices(group, k=len(group))]
+        )
         for _ in range(resamples)
     )
     tail = (1 - confidence) / 2
@@ -543,7 +556,13 @@ def time_size(args, preset: str, dtype: str, batch_size: int, compile_mode: str)
                 key = ("dit", None) if kind == "dit" else (kind, ratio)
                 entry = results.setdefault(
                     key,
-                    {"num_parameters": processes[kind].num_parameters, "memory": [], "times": [], "faults": [], "dit": []},
+                    {
+                        "num_parameters": processes[kind].num_parameters,
+                        "memory": [],
+                        "times": [],
+                        "faults": [],
+                        "dit": [],
+                    },
                 )
                 entry["memory"].append(memory[kind])
                 entry["times"].append(times[kind])
@@ -588,7 +607,9 @@ def time_size(args, preset: str, dtype: str, batch_size: int, compile_mode: str)
             "passed": None,
         }
         if kind == "light" and ratio in (0.0, 0.5) and not args.device.startswith("cuda"):
-            threshold = unmasked_step_target(preset, args.resolution, args.seed) if ratio == 0.0 else TARGET_STEP_MASKED
+            threshold = (
+                unmasked_step_target(preset, args.resolution, args.seed) if ratio == 0.0 else TARGET_STEP_MASKED
+            )
             row["target"] = f"<= {threshold:.3f}x DiT"
             row["passed"] = row["vs_dit"] <= threshold
         rows.append(row)
@@ -597,7 +618,12 @@ def time_size(args, preset: str, dtype: str, batch_size: int, compile_mode: str)
         row["memory_vs_dit"] = row["memory_mib"] / dit["memory_mib"] if dit["memory_mib"] else None
         official = next((r for r in rows if r["model"] == "official" and r["mask_ratio"] == row["mask_ratio"]), None)
         row["vs_official_images_per_s"] = row["images_per_s"] / official["images_per_s"] if official else None
-        if args.device.startswith("cuda") and row["model"] == "ours" and row["decoder"].endswith("paper") and row["mask_ratio"] == 0.5:
+        if (
+            args.device.startswith("cuda")
+            and row["model"] == "ours"
+            and row["decoder"].endswith("paper")
+            and row["mask_ratio"] == 0.5
+        ):
             # The GPU targets (issue 15): images/s and memory against DiT at the same batch, images/s against the
             # official model at the same configuration.
             checks = [
@@ -605,7 +631,12 @@ def time_size(args, preset: str, dtype: str, batch_size: int, compile_mode: str)
                 (f"<= {GPU_TARGET_MEMORY}x DiT mem", row["memory_vs_dit"] <= GPU_TARGET_MEMORY),
             ]
             if official:
-                checks.append((f">= {GPU_TARGET_VS_OFFICIAL}x official img/s", row["vs_official_images_per_s"] >= GPU_TARGET_VS_OFFICIAL))
+                checks.append(
+                    (
+                        f">= {GPU_TARGET_VS_OFFICIAL}x official img/s",
+                        row["vs_official_images_per_s"] >= GPU_TARGET_VS_OFFICIAL,
+                    )
+                )
             row["target"] = ", ".join(label for label, _ in checks)
             row["passed"] = all(passed for _, passed in checks)
     return rows
@@ -714,7 +745,9 @@ def pass_label(passed) -> str:
 
 
 def format_step_table(rows: list[dict]) -> str:
-    header = f"{'size':<5} {'dtype':<5} {'batch':>5} {'comp':<6} {'model':<14} {'decoder':<14} {'mask':>4} {'params':>7} "
+    header = (
+        f"{'size':<5} {'dtype':<5} {'batch':>5} {'comp':<6} {'model':<14} {'decoder':<14} {'mask':>4} {'params':>7} "
+    )
     header += f"{'step s':>7} {'img/s':>7} {'vs DiT':>6} {'95% CI':>11} {'(min)':>6} {'faults':>7} {'mem MiB':>8} {'mem/DiT':>7}"
     header += "  target"
     lines = [header, "-" * len(header)]

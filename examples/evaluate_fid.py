@@ -42,9 +42,7 @@ def parse_args(argv=None):
         help="Side the real images are center-cropped and resized to (default: the samples').",
     )
     parser.add_argument("--feature_extractor", choices=("inception", "digits"), default="inception")
-    parser.add_argument(
-        "--inception_weights", default=None, help="Local torch-fidelity Inception-v3 weights (.pth)."
-    )
+    parser.add_argument("--inception_weights", default=None, help="Local torch-fidelity Inception-v3 weights (.pth).")
     parser.add_argument(
         "--allow_download", action="store_true", help="Let torch-fidelity download the Inception weights if missing."
     )

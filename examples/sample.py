@@ -80,7 +80,9 @@ def validate_args(args) -> None:
         try:
             args.class_labels = [int(x) for x in args.class_labels.split(",")]
         except ValueError:
-            raise ValueError(f"--class_labels must be comma-separated integer ids, got {args.class_labels!r}") from None
+            raise ValueError(
+                f"--class_labels must be comma-separated integer ids, got {args.class_labels!r}"
+            ) from None
 
 
 def validate_for_pipeline(args, pipeline) -> dict:
@@ -96,13 +98,20 @@ def validate_for_pipeline(args, pipeline) -> dict:
             raise ValueError(f"--class_labels must be ids in [0, {num_classes}), got {wrong}")
     if num_classes == 0 and args.guidance_scale not in (None, 1.0):
         raise ValueError("--guidance_scale applies to class-conditional pipelines only; this one is unconditional")
-    families = {MaskDiTPipeline: ("edm_heun", "edm_euler", "edm_dpmsolver"), MaskDMPipeline: ("ddim", "ddpm", "dpmsolver")}
+    families = {
+        MaskDiTPipeline: ("edm_heun", "edm_euler", "edm_dpmsolver"),
+        MaskDMPipeline: ("ddim", "ddpm", "dpmsolver"),
+    }
     for cls, allowed in families.items():
         if isinstance(pipeline, cls) and args.scheduler is not None and args.scheduler not in allowed:
-            raise ValueError(f"--scheduler for a {cls.__name__} must be one of {list(allowed)}, got {args.scheduler!r}")
+            raise ValueError(
+                f"--scheduler for a {cls.__name__} must be one of {list(allowed)}, got {args.scheduler!r}"
+            )
     parameters = inspect.signature(pipeline.__call__).parameters
     if args.eta is not None and "eta" not in parameters:
-        raise ValueError(f"--eta applies to pipelines whose call takes eta (MaskDMPipeline), not {type(pipeline).__name__}")
+        raise ValueError(
+            f"--eta applies to pipelines whose call takes eta (MaskDMPipeline), not {type(pipeline).__name__}"
+        )
     kwargs = {}
     for name in ("guidance_scale", "num_inference_steps", "eta"):
         if getattr(args, name) is not None:

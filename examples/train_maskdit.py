@@ -143,7 +143,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--vae", type=str, default=None, help="AutoencoderKL path or Hub id; enables latent space.")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' inside a full pipeline repo.")
-    parser.add_argument("--latent_batch_size", type=int_at_least(1), default=32, help="Batch size of latent pre-extraction.")
+    parser.add_argument(
+        "--latent_batch_size", type=int_at_least(1), default=32, help="Batch size of latent pre-extraction."
+    )
     # Model
     parser.add_argument(
         "--model_config",
@@ -160,7 +162,9 @@ def parse_args(argv=None):
     )
     add_model_runtime_arguments(parser, "the encoder and decoder blocks")
     # Masked objective
-    parser.add_argument("--mask_ratio", type=finite_float(0, 1, high_open=True), default=0.5, help="Mask ratio of the masked phase.")
+    parser.add_argument(
+        "--mask_ratio", type=finite_float(0, 1, high_open=True), default=0.5, help="Mask ratio of the masked phase."
+    )
     parser.add_argument(
         "--mask_schedule",
         type=str,
@@ -172,14 +176,27 @@ def parse_args(argv=None):
     parser.add_argument("--mask_type", type=str, default="random", choices=MASK_TYPES)
     parser.add_argument("--mask_block_size", type=int_at_least(1), default=2, help="Block side for --mask_type block.")
     parser.add_argument("--mae_loss_weight", type=finite_float(0), default=0.1)
-    parser.add_argument("--class_dropout_prob", type=finite_float(0, 1), default=0.1, help="Label dropout for guidance.")
-    parser.add_argument("--P_mean", type=finite_float(), default=-1.2, help="EDM training noise: ln sigma ~ N(P_mean, P_std).")
+    parser.add_argument(
+        "--class_dropout_prob", type=finite_float(0, 1), default=0.1, help="Label dropout for guidance."
+    )
+    parser.add_argument(
+        "--P_mean", type=finite_float(), default=-1.2, help="EDM training noise: ln sigma ~ N(P_mean, P_std)."
+    )
     parser.add_argument("--P_std", type=finite_float(0, low_open=True), default=1.2)
     parser.add_argument("--sigma_data", type=finite_float(0, low_open=True), default=0.5)
     # Unmasking tuning
-    parser.add_argument("--unmask_tuning_steps", type=int_at_least(0), default=None, help="Steps of the unmasking phase.")
-    parser.add_argument("--unmask_learning_rate", type=finite_float(0, low_open=True), default=None, help="Defaults to --learning_rate.")
-    parser.add_argument("--unmask_batch_size", type=int_at_least(1), default=None, help="Defaults to --train_batch_size.")
+    parser.add_argument(
+        "--unmask_tuning_steps", type=int_at_least(0), default=None, help="Steps of the unmasking phase."
+    )
+    parser.add_argument(
+        "--unmask_learning_rate",
+        type=finite_float(0, low_open=True),
+        default=None,
+        help="Defaults to --learning_rate.",
+    )
+    parser.add_argument(
+        "--unmask_batch_size", type=int_at_least(1), default=None, help="Defaults to --train_batch_size."
+    )
     parser.add_argument(
         "--unmask_schedule",
         type=str,
@@ -189,14 +206,18 @@ def parse_args(argv=None):
     )
     # Optimisation
     parser.add_argument("--train_batch_size", type=int_at_least(1), default=None, help="Per-process batch size.")
-    parser.add_argument("--max_train_steps", type=int_at_least(0), default=None, help="Optimizer steps of the masked phase.")
+    parser.add_argument(
+        "--max_train_steps", type=int_at_least(0), default=None, help="Optimizer steps of the masked phase."
+    )
     parser.add_argument("--learning_rate", type=finite_float(0, low_open=True), default=None)
     parser.add_argument("--lr_warmup_steps", type=int_at_least(0), default=None)
     add_optimisation_arguments(parser, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0)
     # Checkpoints, logging, validation, output
     add_output_arguments(parser)
     parser.add_argument("--num_validation_images_per_class", type=int_at_least(1), default=4)
-    parser.add_argument("--validation_classes", type=int_at_least(1), default=10, help="How many classes the grids show.")
+    parser.add_argument(
+        "--validation_classes", type=int_at_least(1), default=10, help="How many classes the grids show."
+    )
     parser.add_argument("--guidance_scale", type=finite_float(0), default=1.5)
     parser.add_argument("--num_inference_steps", type=int_at_least(1), default=40)
     parser.add_argument(
@@ -273,7 +294,9 @@ def main(args):
     else:
         model_classes = args.model_config_resolved.get("num_classes")
     if args.num_classes is not None and model_classes is not None and args.num_classes != model_classes:
-        raise ValueError(f"--num_classes {args.num_classes} contradicts the model config's num_classes={model_classes}")
+        raise ValueError(
+            f"--num_classes {args.num_classes} contradicts the model config's num_classes={model_classes}"
+        )
 
     # 1. Data
     data = load_training_data(
@@ -357,7 +380,9 @@ def main(args):
     )
 
     # 5. Train, phase by phase
-    progress = tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
     global_step = train_phases(
         accelerator,
         model,

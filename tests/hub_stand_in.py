@@ -132,7 +132,9 @@ class HubStandIn:
         parts = path.strip("/").split("/")
         if method == "POST" and path == "/api/repos/create":
             request = json.loads(body)
-            repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+            repo_id = (
+                f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+            )
             if "/" not in repo_id:
                 repo_id = f"stand-in-user/{repo_id}"
             if repo_id not in self.repos:
@@ -198,7 +200,9 @@ class HubStandIn:
                 if entry and entry["key"] == "file":
                     value = entry["value"]
                     content = value["content"]
-                    added[value["path"]] = base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+                    added[value["path"]] = (
+                        base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+                    )
                 elif entry and entry["key"] not in ("header", "file"):
                     raise ValueError(f"the stand-in only takes regular files, got a {entry['key']!r} entry")
             sha = self.commit(repo_id, added)

@@ -129,7 +129,14 @@ def test_sampling_nfe_maskdm_recipe_runs_ddim_with_each_eta_and_both_dpm_solvers
     transformer = tiny_uvit(sample_size=16, in_channels=1, num_classes=0, seed=0)
     MaskDMPipeline(transformer, MaskDMPipeline.default_scheduler()).save_pretrained(tmp_path / "pipeline")
     argv = ["--recipe", "maskdm", "--pipeline_dir", str(tmp_path / "pipeline"), "--nfes", "1", "2"]
-    argv += ["--num_samples_per_class", "1", "--output", str(tmp_path / "nfe.json"), "--plot", str(tmp_path / "nfe.png")]
+    argv += [
+        "--num_samples_per_class",
+        "1",
+        "--output",
+        str(tmp_path / "nfe.json"),
+        "--plot",
+        str(tmp_path / "nfe.png"),
+    ]
     record = bench.main(argv)
     fid = {(r["sampler"], r["nfe"]): r["fid"] for r in record["results"]}
     assert list(fid) == [
@@ -172,7 +179,11 @@ def _time_to_quality():
 
 def test_time_to_quality_interpolates_the_first_crossing_of_the_target_fid():
     bench = _time_to_quality()
-    points = [{"fid": 40.0, "train_seconds": 10.0}, {"fid": 30.0, "train_seconds": 20.0}, {"fid": 10.0, "train_seconds": 30.0}]
+    points = [
+        {"fid": 40.0, "train_seconds": 10.0},
+        {"fid": 30.0, "train_seconds": 20.0},
+        {"fid": 10.0, "train_seconds": 30.0},
+    ]
     # FID 20 is crossed halfway between the 2nd and 3rd evaluation (linear in time): 20 + 0.5 * 10.
     assert bench.first_time_at(points, 20.0, "train_seconds") == pytest.approx(25.0)
     assert bench.first_time_at(points, 45.0, "train_seconds") == 10.0  # reached at the first evaluation
@@ -211,7 +222,9 @@ def test_time_to_quality_refuses_a_comparison_without_its_baseline():
 @pytest.mark.slow
 def test_time_to_quality_quick_run_writes_runs_comparisons_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    record = _time_to_quality().main(["--quick", "--arms", "unmasked", "mask_mae", "--output", str(tmp_path / "t.json")])
+    record = _time_to_quality().main(
+        ["--quick", "--arms", "unmasked", "mask_mae", "--output", str(tmp_path / "t.json")]
+    )
     assert [run["arm"] for run in record["runs"]] == ["unmasked", "mask_mae"]
     assert all(len(run["points"]) == 2 for run in record["runs"])
     assert record["comparisons"][0]["baseline"] == "unmasked"
@@ -232,4 +245,3 @@ def test_the_unmasked_step_target_is_one_plus_the_light_decoders_flop_share_of_d
     target = train_step.unmasked_step_target("S/2", 32, 0)
     assert target == pytest.approx(expected, abs=0.005)  # embedders, adaLN and the final layers are the rest
     assert 1.0 < target < 1.05
-

@@ -378,9 +378,13 @@ def test_interrupted_extraction_resumes_at_the_last_finished_shard(vae_dir, digi
     assert not any(p.name.startswith("latents-") for p in (tmp_path / "cache").iterdir())
 
     resumed_vae = _load_counting_vae(vae_dir)
-    resumed = extract_latents(digits_subset, resumed_vae, build_transforms(16), tmp_path / "cache", batch_size=2, shard_size=4)
+    resumed = extract_latents(
+        digits_subset, resumed_vae, build_transforms(16), tmp_path / "cache", batch_size=2, shard_size=4
+    )
     assert resumed_vae.encode.calls == 3  # shards 1 and 2 only
-    fresh = extract_latents(digits_subset, AutoencoderKL.from_pretrained(vae_dir), build_transforms(16), tmp_path / "fresh", batch_size=2)
+    fresh = extract_latents(
+        digits_subset, AutoencoderKL.from_pretrained(vae_dir), build_transforms(16), tmp_path / "fresh", batch_size=2
+    )
     _assert_same_columns(_columns(resumed), _columns(fresh))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [resumed.cache_files[0]["filename"].split("/")[-2]]
 
@@ -388,8 +392,12 @@ def test_interrupted_extraction_resumes_at_the_last_finished_shard(vae_dir, digi
 def test_xflip_stores_the_flipped_images_posterior_under_its_own_key(vae_dir, digits_subset, tmp_path):
     vae = AutoencoderKL.from_pretrained(vae_dir)
     transform = build_transforms(16)
-    assert latent_cache_key(digits_subset, vae, transform, xflip=True) != latent_cache_key(digits_subset, vae, transform)
-    latents = extract_latents(digits_subset, vae, transform, tmp_path / "cache", batch_size=3, xflip=True, num_workers=1)
+    assert latent_cache_key(digits_subset, vae, transform, xflip=True) != latent_cache_key(
+        digits_subset, vae, transform
+    )
+    latents = extract_latents(
+        digits_subset, vae, transform, tmp_path / "cache", batch_size=3, xflip=True, num_workers=1
+    )
     assert latents.column_names == ["latent_mean", "latent_std", "flipped_latent_mean", "flipped_latent_std", "label"]
     rows = latents[:]
     flipped = torch.stack([transform(row["image"]) for row in digits_subset]).flip(-1)
@@ -402,7 +410,12 @@ def test_xflip_stores_the_flipped_images_posterior_under_its_own_key(vae_dir, di
 def test_sample_latents_draws_each_sample_from_the_flipped_posterior_with_probability_one_half():
     mean, std = torch.randn(64, 4, 2, 2), torch.rand(64, 4, 2, 2)
     flipped_mean, flipped_std = torch.randn(64, 4, 2, 2), torch.rand(64, 4, 2, 2)
-    batch = {"latent_mean": mean, "latent_std": std, "flipped_latent_mean": flipped_mean, "flipped_latent_std": flipped_std}
+    batch = {
+        "latent_mean": mean,
+        "latent_std": std,
+        "flipped_latent_mean": flipped_mean,
+        "flipped_latent_std": flipped_std,
+    }
     z = sample_latents(batch, 0.5, torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)
     eps = torch.randn(mean.shape, generator=generator)
@@ -438,7 +451,9 @@ def test_two_processes_extract_their_shards_into_the_cache_one_process_makes(vae
         port = sock.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     ranks = [
-        subprocess.Popen([sys.executable, "-c", _EXTRACT_ON_ONE_RANK, str(r), "2", str(vae_dir), str(tmp_path / "two")], env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", _EXTRACT_ON_ONE_RANK, str(r), "2", str(vae_dir), str(tmp_path / "two")], env=env
+        )
         for r in range(2)
     ]
     assert [rank.wait(timeout=300) for rank in ranks] == [0, 0]
@@ -448,7 +463,14 @@ def test_two_processes_extract_their_shards_into_the_cache_one_process_makes(vae
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = extract_latents(dataset, AutoencoderKL.from_pretrained(vae_dir), build_transforms(16), tmp_path / "one", batch_size=2, xflip=True)
+        one = extract_latents(
+            dataset,
+            AutoencoderKL.from_pretrained(vae_dir),
+            build_transforms(16),
+            tmp_path / "one",
+            batch_size=2,
+            xflip=True,
+        )
     finally:
         torch.set_num_threads(threads)
     (two_dir,) = (tmp_path / "two").iterdir()

@@ -49,7 +49,9 @@ class Project(nn.Module):
 
     def __init__(self, num_pixels: int, num_features: int = 5, seed: int = 0):
         super().__init__()
-        self.register_buffer("weight", torch.randn(num_pixels, num_features, generator=torch.Generator().manual_seed(seed)))
+        self.register_buffer(
+            "weight", torch.randn(num_pixels, num_features, generator=torch.Generator().manual_seed(seed))
+        )
         self.num_features = num_features
 
     def forward(self, images):
@@ -106,7 +108,9 @@ def test_fid_from_sample_npz_equals_the_float64_formula_on_the_features(tmp_path
         inception_score_splits=None, batch_size=64,
     )  # fmt: skip
     f_fake, f_real = (extractor(x.float() / 255).numpy() for x in (fake, real))
-    expected = closed_form_fid(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    expected = closed_form_fid(
+        f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False)
+    )
     assert results["fid"] == pytest.approx(expected, rel=1e-8)
     assert results["num_samples"] == 300 and results["num_reference"] == 400 and results["inception_score"] is None
 
@@ -121,7 +125,9 @@ def test_fid_of_many_samples_approaches_the_population_value_of_their_features()
     v = torch.rand(40_000, 1, 2, 2, dtype=torch.float64, generator=gen) ** 2
     a, b = compute_statistics(u, extractor, batch_size=4096), compute_statistics(v, extractor, batch_size=4096)
     ones = np.ones(4)
-    expected = closed_form_fid(weight.T @ ones / 2, weight.T @ weight / 12, weight.T @ ones / 3, weight.T @ weight * 4 / 45)
+    expected = closed_form_fid(
+        weight.T @ ones / 2, weight.T @ weight / 12, weight.T @ ones / 3, weight.T @ weight * 4 / 45
+    )
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.03)
 
 

@@ -37,7 +37,9 @@ def saved(tmp_path_factory):
     pipe = MaskDiTPipeline(tiny_transformer(seed=0), EDMHeunScheduler(), id2label={i: str(i) for i in range(10)})
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
-    images = pipe(class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
+    images = pipe(
+        class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0)
+    )
     torch.save(images.images, folder.parent / "expected.pt")
     return folder
 
@@ -225,7 +227,9 @@ def test_a_folder_saved_by_version_0_1_still_loads(saved, tmp_path):
     (folder / "scheduler" / "scheduling_edm_heun.py").unlink()
     pipe = MaskDiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
+    images = pipe(
+        class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(images.images, torch.load(saved.parent / "expected.pt"))
 
 
@@ -236,7 +240,9 @@ def test_a_converted_official_checkpoint_loads_by_repo_id_both_ways(hub, tmp_pat
     folder = make_converted_pipeline_folder(tmp_path / "converted")
     pipe = MaskDiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
+    images = pipe(
+        class_labels=[3, 7], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0)
+    )
     torch.save(images.images, tmp_path / "expected.pt")
     hub.add_folder("org/maskdit-converted", folder)
     load_both_ways(hub, tmp_path / "home", "org/maskdit-converted", tmp_path / "expected.pt")
@@ -251,8 +257,15 @@ def test_a_maskdm_pipeline_loads_by_repo_id_both_ways(hub, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "maskdm")
     call = "class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=3"
-    images = pipe(class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=3, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        class_labels=[1, 2],
+        guidance_scale=2.0,
+        num_inference_steps=3,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     torch.save(images, tmp_path / "expected.pt")
     hub.add_folder("org/maskdm", tmp_path / "maskdm")
-    load_both_ways(hub, tmp_path / "home", "org/maskdm", tmp_path / "expected.pt", pipeline="MaskDMPipeline", call=call)
+    load_both_ways(
+        hub, tmp_path / "home", "org/maskdm", tmp_path / "expected.pt", pipeline="MaskDMPipeline", call=call
+    )

@@ -32,8 +32,15 @@ def test_every_preset_gives_full_size_output_and_echoes_the_mask(preset):
 
 def test_preset_sizes_match_dit_and_the_maskdit_decoder():
     cfg = MaskedDiTTransformer2DModel.preset_config("XL/2")
-    assert (cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_attention_heads"]) == (28, 1152, 16)
-    assert (cfg["decoder_num_layers"], cfg["decoder_num_attention_heads"] * cfg["decoder_attention_head_dim"]) == (8, 512)
+    assert (cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_attention_heads"]) == (
+        28,
+        1152,
+        16,
+    )
+    assert (cfg["decoder_num_layers"], cfg["decoder_num_attention_heads"] * cfg["decoder_attention_head_dim"]) == (
+        8,
+        512,
+    )
     assert MaskedDiTTransformer2DModel.preset_config("S/4")["patch_size"] == 4
     with pytest.raises(ValueError, match="preset"):
         MaskedDiTTransformer2DModel.from_preset("M/2")
@@ -195,7 +202,9 @@ def test_bad_input_is_a_clear_value_error(call, match):
 def test_mask_of_wrong_dtype_is_a_type_error():
     model = tiny_model()
     with pytest.raises(TypeError, match="dtype"):
-        model(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 16, dtype=torch.int64))
+        model(
+            torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 16, dtype=torch.int64)
+        )
 
 
 def test_bad_config_is_a_value_error():
@@ -249,7 +258,11 @@ def test_attention_gradients_equal_the_float64_reference():
     w_qkv = attention.to_qkv.weight.detach().double().requires_grad_()
     b_qkv = attention.to_qkv.bias.detach().double().requires_grad_()
     _reference_attention(attention, x64, w_qkv, b_qkv).backward(upstream.double())
-    for ours, reference in [(x.grad, x64.grad), (attention.to_qkv.weight.grad, w_qkv.grad), (attention.to_qkv.bias.grad, b_qkv.grad)]:
+    for ours, reference in [
+        (x.grad, x64.grad),
+        (attention.to_qkv.weight.grad, w_qkv.grad),
+        (attention.to_qkv.bias.grad, b_qkv.grad),
+    ]:
         # float32 sums over the 10 tokens: an absolute error of a few 1e-7 of the gradient's scale (a near-zero
         # entry then has a huge relative error; 1.7e-6 was seen on an AMD host with unseeded inputs).
         scale = reference.abs().max().item()

@@ -161,7 +161,11 @@ def test_preset_has_maskdm_size_and_the_analytic_parameter_count(preset, width, 
     with torch.device("meta"):
         model = MaskedUViTTransformer2DModel.from_preset(preset)
     cfg = model.config
-    assert (cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads) == (13, width, heads)
+    assert (cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads) == (
+        13,
+        width,
+        heads,
+    )
     assert (cfg.patch_size, cfg.sample_size, cfg.num_classes) == (4, pixels, 0)
     assert (len(model.in_blocks), len(model.out_blocks)) == (6, 6)
     count = sum(p.numel() for p in model.parameters())
@@ -269,7 +273,9 @@ def test_empty_mask_equals_no_mask():
     model = tiny_uvit()
     x, t, y = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y).sample, model(x, t, y, mask=torch.zeros(2, 16, dtype=torch.bool)).sample)
+        torch.testing.assert_close(
+            model(x, t, y).sample, model(x, t, y, mask=torch.zeros(2, 16, dtype=torch.bool)).sample
+        )
 
 
 def test_non_square_input_is_supported_through_a_non_square_sample_size():
@@ -280,7 +286,10 @@ def test_non_square_input_is_supported_through_a_non_square_sample_size():
         out = model(x, torch.tensor([1, 2]), torch.tensor([0, 1]), mask=mask).sample
     assert out.shape == (2, 3, 8, 12)
     torch.testing.assert_close(
-        out.double(), reference_forward(model, x, torch.tensor([1, 2]), torch.tensor([0, 1]), mask), rtol=1e-4, atol=1e-5
+        out.double(),
+        reference_forward(model, x, torch.tensor([1, 2]), torch.tensor([0, 1]), mask),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -355,7 +364,9 @@ def test_bad_input_is_a_clear_value_error(call, match):
 
 def test_mask_of_wrong_dtype_is_a_type_error():
     with pytest.raises(TypeError, match="dtype"):
-        tiny_uvit()(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 16, dtype=torch.int64))
+        tiny_uvit()(
+            torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 16, dtype=torch.int64)
+        )
 
 
 @pytest.mark.parametrize(
@@ -395,7 +406,9 @@ def maskdm_alphas_cumprod(beta_schedule, T=1000):
 def test_scheduler_noise_schedules_equal_maskdm_formulas(beta_schedule):
     scheduler = MaskedDDPMScheduler(beta_schedule=beta_schedule)
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.prediction_type == "epsilon"
-    torch.testing.assert_close(scheduler.alphas_cumprod.double(), maskdm_alphas_cumprod(beta_schedule), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        scheduler.alphas_cumprod.double(), maskdm_alphas_cumprod(beta_schedule), rtol=1e-5, atol=1e-7
+    )
 
 
 def maskdm_loss_reference(model, clean, labels, mask, seed, beta_schedule):
@@ -425,7 +438,9 @@ def test_ddpm_loss_through_the_uvit_equals_the_maskdm_formula(beta_schedule, mas
     mask = generate_mask(mask_type, 4, GRID, ratio, block_size=2, generator=generator)
     scheduler = MaskedDDPMScheduler(beta_schedule=beta_schedule)
 
-    output = scheduler.masked_training_loss(model, clean, labels, mask=mask, generator=torch.Generator().manual_seed(8))
+    output = scheduler.masked_training_loss(
+        model, clean, labels, mask=mask, generator=torch.Generator().manual_seed(8)
+    )
 
     expected = maskdm_loss_reference(model, clean, labels, mask, 8, beta_schedule)
     assert float(output.loss.detach()) == pytest.approx(float(expected), rel=1e-4)

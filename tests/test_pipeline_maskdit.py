@@ -71,7 +71,9 @@ def test_guidance_combines_conditional_and_null_class_outputs():
     noise = torch.randn(2, 1, 8, 8)
     labels = torch.tensor([1, 3])
     w = 2.5
-    guided = p(class_labels=[1, 3], guidance_scale=w, num_inference_steps=1, latents=noise, output_type="latent").images
+    guided = p(
+        class_labels=[1, 3], guidance_scale=w, num_inference_steps=1, latents=noise, output_type="latent"
+    ).images
 
     ref = EDMEulerScheduler()
     ref.set_timesteps(1)
@@ -207,7 +209,9 @@ def test_model_card_has_library_tags_config_and_eval_results(pipe):
             metric_value=12.5,
         )
     ]
-    card = pipe.create_model_card("me/maskdit-tiny", training_config={"mask_ratio": 0.5, "mae_loss_weight": 0.1}, eval_results=results)
+    card = pipe.create_model_card(
+        "me/maskdit-tiny", training_config={"mask_ratio": 0.5, "mae_loss_weight": 0.1}, eval_results=results
+    )
     data = card.data.to_dict()
     assert data["library_name"] == "diffusers"
     assert {"masked-diffusion", "maskdit", "diffusers-masked"} <= set(data["tags"])
@@ -224,7 +228,9 @@ def test_push_to_hub_creates_repo_and_uploads_the_saved_folder(pipe):
         from pathlib import Path
 
         uploaded["repo_id"] = repo_id
-        uploaded["files"] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        uploaded["files"] = sorted(
+            str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
+        )
         uploaded["card"] = (Path(folder_path) / "README.md").read_text()
         return "commit-info"
 
@@ -237,13 +243,23 @@ def test_push_to_hub_creates_repo_and_uploads_the_saved_folder(pipe):
     assert result == "commit-info"
     create_repo.assert_called_once_with("maskdit-tiny", private=True, exist_ok=True)
     assert uploaded["repo_id"] == "me/maskdit-tiny"
-    assert {"model_index.json", "pipeline_maskdit.py", "README.md", "transformer/config.json", "scheduler/scheduler_config.json"} <= set(uploaded["files"])
+    assert {
+        "model_index.json",
+        "pipeline_maskdit.py",
+        "README.md",
+        "transformer/config.json",
+        "scheduler/scheduler_config.json",
+    } <= set(uploaded["files"])
     assert "maskdit" in uploaded["card"] and '"mask_ratio": 0.5' in uploaded["card"]
 
 
 @pytest.mark.parametrize(
     "name,file,match",
-    [("../x.png", "x.png", "relative paths"), ("/x.png", "x.png", "relative paths"), ("a.png", "gone.png", "not a file")],
+    [
+        ("../x.png", "x.png", "relative paths"),
+        ("/x.png", "x.png", "relative paths"),
+        ("a.png", "gone.png", "not a file"),
+    ],
 )
 def test_push_to_hub_refuses_bad_extra_files_before_creating_the_repo(pipe, tmp_path, name, file, match):
     (tmp_path / "x.png").write_bytes(b"png")
@@ -251,7 +267,6 @@ def test_push_to_hub_refuses_bad_extra_files_before_creating_the_repo(pipe, tmp_
         with pytest.raises(ValueError, match=match):
             pipe.push_to_hub("maskdit-tiny", extra_files={name: tmp_path / file})
     create_repo.assert_not_called()
-
 
 
 def test_a_pipeline_whose_transformer_config_needs_missing_weights_fails_at_load(pipe, tmp_path):

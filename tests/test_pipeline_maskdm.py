@@ -22,7 +22,9 @@ DTYPE = torch.float64
 
 @pytest.fixture
 def pipe():
-    p = MaskDMPipeline(tiny_uvit(scale=0.1, seed=0, num_classes=NUM_CLASSES).to(DTYPE), MaskDMPipeline.default_scheduler())
+    p = MaskDMPipeline(
+        tiny_uvit(scale=0.1, seed=0, num_classes=NUM_CLASSES).to(DTYPE), MaskDMPipeline.default_scheduler()
+    )
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -145,7 +147,9 @@ def official_ddim_sample(transformer, batch, seed, steps, eta):
             eps = transformer(x, torch.full((batch,), time), class_labels=None).sample.double()
         a = alphas_cumprod[time]
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-        z = torch.randn(batch, *SHAPE, generator=generator, dtype=torch.float64)  # diffusers draws at the last step too
+        z = torch.randn(
+            batch, *SHAPE, generator=generator, dtype=torch.float64
+        )  # diffusers draws at the last step too
         if time_next < 0:
             x = x0
             continue
@@ -173,7 +177,9 @@ def test_default_sampler_equals_the_official_ddim_in_float64(uncond_pipe, eta):
 @pytest.mark.parametrize("scale", [3.0, 0.0])
 def test_guidance_is_uncond_plus_scale_times_cond_minus_uncond(pipe, scale):
     labels = [1, 3]
-    images, trajectory = _run_recording(pipe, class_labels=labels, guidance_scale=scale, num_inference_steps=3, eta=0.5)
+    images, trajectory = _run_recording(
+        pipe, class_labels=labels, guidance_scale=scale, num_inference_steps=3, eta=0.5
+    )
     expected_images, expected_trajectory = _manual_loop(
         pipe.transformer, MaskDMPipeline.default_scheduler(), 2, 0, 3, torch.tensor(labels), scale, eta=0.5
     )
@@ -230,7 +236,9 @@ def test_ddpm_family_schedulers_swap_in_via_from_config(pipe, scheduler_cls, ove
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
     images, trajectory = _run_recording(pipe, class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=5)
     reference = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
-    expected_images, expected_trajectory = _manual_loop(pipe.transformer, reference, 2, 0, 5, torch.tensor([0, 1]), 2.0)
+    expected_images, expected_trajectory = _manual_loop(
+        pipe.transformer, reference, 2, 0, 5, torch.tensor([0, 1]), 2.0
+    )
     _assert_same_trajectory(trajectory, expected_trajectory)
     torch.testing.assert_close(images, expected_images)
 
@@ -330,7 +338,9 @@ def test_a_tensor_of_labels_equals_the_list(pipe):
 
 
 def test_non_square_sample_size_gives_non_square_images():
-    p = MaskDMPipeline(tiny_uvit(scale=0.1, num_classes=0, sample_size=(8, 12)).to(DTYPE), MaskDMPipeline.default_scheduler())
+    p = MaskDMPipeline(
+        tiny_uvit(scale=0.1, num_classes=0, sample_size=(8, 12)).to(DTYPE), MaskDMPipeline.default_scheduler()
+    )
     p.set_progress_bar_config(disable=True)
     assert _run(p, batch_size=2, num_inference_steps=2).shape == (2, 3, 8, 12)
 
@@ -394,7 +404,9 @@ def test_from_pretrained_in_this_process_gives_the_same_images(pipe32, tmp_path)
     loaded = MaskDMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.scheduler, DDIMScheduler)
-    torch.testing.assert_close(_run(loaded, class_labels=[1, 3], guidance_scale=2.0), _run(pipe32, class_labels=[1, 3], guidance_scale=2.0))
+    torch.testing.assert_close(
+        _run(loaded, class_labels=[1, 3], guidance_scale=2.0), _run(pipe32, class_labels=[1, 3], guidance_scale=2.0)
+    )
     assert isinstance(DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True), MaskDMPipeline)
 
 

@@ -69,8 +69,12 @@ def test_each_sample_is_the_pipeline_output_for_its_own_seed_and_label(maskdit_d
     for i in (0, 4):
         generator = torch.Generator().manual_seed(3 * 2**32 + i)
         [expected] = pipe(class_labels=[i % 10], num_inference_steps=2, generator=generator).images
-        np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "images" / f"{i:06d}.png")), np.asarray(expected))
-    np.testing.assert_array_equal(_npz(tmp_path)[1]["arr_0"][4], np.asarray(PIL.Image.open(tmp_path / "images" / "000004.png")))
+        np.testing.assert_array_equal(
+            np.asarray(PIL.Image.open(tmp_path / "images" / f"{i:06d}.png")), np.asarray(expected)
+        )
+    np.testing.assert_array_equal(
+        _npz(tmp_path)[1]["arr_0"][4], np.asarray(PIL.Image.open(tmp_path / "images" / "000004.png"))
+    )
 
 
 def test_images_do_not_depend_on_the_batch_size(maskdit_dir, tmp_path):
@@ -90,7 +94,16 @@ def test_maskdm_samples_unconditionally_and_class_conditionally(maskdm_dirs, tmp
     _run(maskdm_dirs / "classes0", tmp_path / "uncond", "--num_samples", "3", "--eta", "0.5")
     name, data = _npz(tmp_path / "uncond")
     assert name == "samples_3x8x8x3.npz" and sorted(data) == ["arr_0"]  # no labels for unconditional samples
-    _run(maskdm_dirs / "classes10", tmp_path / "cond", "--num_samples", "3", "--class_labels", "4", "--guidance_scale", "2")
+    _run(
+        maskdm_dirs / "classes10",
+        tmp_path / "cond",
+        "--num_samples",
+        "3",
+        "--class_labels",
+        "4",
+        "--guidance_scale",
+        "2",
+    )
     assert _npz(tmp_path / "cond")[1]["arr_1"].tolist() == [4, 4, 4]
 
 

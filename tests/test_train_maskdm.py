@@ -225,7 +225,13 @@ def test_push_to_hub_uploads_the_final_pipeline_with_its_card_and_it_loads_by_re
         )  # fmt: skip
         assert list(hub.repos) == [repo]  # the final (fine-tuned) pipeline only, not stage 1's
         pushed = hub.files(repo)
-        for name in ("model_index.json", FINAL, "transformer/config.json", "scheduler/scheduler_config.json", "samples.png"):
+        for name in (
+            "model_index.json",
+            FINAL,
+            "transformer/config.json",
+            "scheduler/scheduler_config.json",
+            "samples.png",
+        ):
             assert pushed[name] == (out / name).read_bytes(), name
         card = pushed["README.md"].decode()
         assert "maskdm" in card and "MaskDMPipeline.from_pretrained" in card and "samples.png" in card
@@ -234,6 +240,8 @@ def test_push_to_hub_uploads_the_final_pipeline_with_its_card_and_it_loads_by_re
         pipe = MaskDMPipeline.from_pretrained(out)
         pipe.set_progress_bar_config(disable=True)
         call = "batch_size=2, num_inference_steps=2"
-        images = pipe(batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+        images = pipe(
+            batch_size=2, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+        )
         torch.save(images.images, tmp_path / "expected.pt")
         load_both_ways(hub, tmp_path / "loader", repo, tmp_path / "expected.pt", pipeline="MaskDMPipeline", call=call)

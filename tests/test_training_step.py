@@ -40,7 +40,10 @@ def _step(model, scheduler, optimizer, step, mask_ratio, mask_type="random", lat
     batch_size, size, patch = 4, model.config.sample_size, model.config.patch_size
     data = torch.Generator().manual_seed(step)
     if latent:
-        batch = {"latent_mean": torch.randn(batch_size, 3, size, size, generator=data), "latent_std": torch.rand(batch_size, 3, size, size, generator=data)}
+        batch = {
+            "latent_mean": torch.randn(batch_size, 3, size, size, generator=data),
+            "latent_std": torch.rand(batch_size, 3, size, size, generator=data),
+        }
         clean = sample_latents(batch, 0.18, generator=generator)
     else:
         clean = torch.randn(batch_size, 3, size, size, generator=data)
@@ -51,7 +54,13 @@ def _step(model, scheduler, optimizer, step, mask_ratio, mask_type="random", lat
         mask = generate_mask(mask_type, batch_size, grid, mask_ratio, generator=generator)
         num_masked = generated_mask_count(mask_type, grid, mask_ratio)
     out = scheduler.masked_training_loss(
-        model, clean, class_labels=labels, mask=mask, mae_loss_weight=0.1 if mask is not None else 0.0, generator=generator, num_masked=num_masked
+        model,
+        clean,
+        class_labels=labels,
+        mask=mask,
+        mae_loss_weight=0.1 if mask is not None else 0.0,
+        generator=generator,
+        num_masked=num_masked,
     )
     out.loss.backward()
     optimizer.step()
@@ -175,7 +184,9 @@ def test_every_attention_module_takes_the_backend(restore_attention_backend):
     model = tiny_transformer(seed=0)
     model.set_attention_backend("_native_math")
     attentions = [block.attn1 for block in [*model.transformer_blocks, *model.decoder_blocks]]
-    assert [a.processor._attention_backend for a in attentions] == [AttentionBackendName._NATIVE_MATH] * len(attentions)
+    assert [a.processor._attention_backend for a in attentions] == [AttentionBackendName._NATIVE_MATH] * len(
+        attentions
+    )
     model.reset_attention_backend()
     assert all(a.processor._attention_backend is None for a in attentions)
 
@@ -187,7 +198,11 @@ def test_every_parameter_gets_a_gradient_with_and_without_a_mask():
     scheduler = EDMHeunScheduler()
     for mask_ratio in (0.5, 0.0):
         out = scheduler.masked_training_loss(
-            model, torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(0)
+            model,
+            torch.randn(2, 3, 8, 8),
+            torch.tensor([1, 2]),
+            mask_ratio=mask_ratio,
+            generator=torch.Generator().manual_seed(0),
         )
         out.loss.backward()
         assert [name for name, p in model.named_parameters() if p.grad is None] == []
@@ -217,7 +232,13 @@ def test_a_cuda_training_step_never_synchronises_after_the_first():
         labels = drop_class_labels(torch.arange(4, device="cuda"), 10, 0.1, generator=generator)
         mask = generate_mask("random", 4, (4, 4), 0.5, generator=generator, device="cuda")
         out = scheduler.masked_training_loss(
-            model, clean, labels, mask=mask, mae_loss_weight=0.1, generator=generator, num_masked=generated_mask_count("random", (4, 4), 0.5)
+            model,
+            clean,
+            labels,
+            mask=mask,
+            mae_loss_weight=0.1,
+            generator=generator,
+            num_masked=generated_mask_count("random", (4, 4), 0.5),
         )
         out.loss.backward()
         optimizer.step()

@@ -180,7 +180,11 @@ def test_resume_restores_model_optimizer_and_ema(trained):
     saved_shadow = [s.clone() for s in ema.shadow_params]
     saved_moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     with torch.no_grad():
-        for tensor in [*model.parameters(), *ema.shadow_params, *(optimizer.state[p]["exp_avg"] for p in model.parameters())]:
+        for tensor in [
+            *model.parameters(),
+            *ema.shadow_params,
+            *(optimizer.state[p]["exp_avg"] for p in model.parameters()),
+        ]:
             tensor.add_(1.0)
     ema.optimization_step = 99
     state = load_checkpoint(accelerator, checkpoint, ema)
@@ -213,7 +217,10 @@ def test_a_code_running_pickle_in_place_of_any_checkpoint_file_is_refused_withou
 def test_a_code_running_sharded_checkpoint_index_is_refused_and_a_real_one_passes(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"w": torch.zeros(3, dtype=torch.bfloat16), "step": 3, "groups": [{"lr": 1e-3}]}, checkpoint_id=str(tmp_path / "real"))
+    dcp.save(
+        {"w": torch.zeros(3, dtype=torch.bfloat16), "step": 3, "groups": [{"lr": 1e-3}]},
+        checkpoint_id=str(tmp_path / "real"),
+    )
     check_dcp_metadata(tmp_path / "real" / ".metadata")
     marker = tmp_path / "marker"
     (tmp_path / "evil").mkdir()
@@ -343,7 +350,11 @@ def test_model_config_errors_say_what_the_spec_was_taken_for(tmp_path):
 
 @pytest.mark.parametrize(
     "spec",
-    ['{"num_attention_heads": 2, "attention_head_dim": 0}', '{"decoder_num_layers": -1}', '{"patch_size": 4, "sample_size": 10}'],
+    [
+        '{"num_attention_heads": 2, "attention_head_dim": 0}',
+        '{"decoder_num_layers": -1}',
+        '{"patch_size": 4, "sample_size": 10}',
+    ],
 )
 def test_a_model_config_the_model_refuses_fails_when_resolved_before_any_data(spec):
     from diffusers_masked import MaskedDiTTransformer2DModel

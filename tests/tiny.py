@@ -33,20 +33,27 @@ TINY_UVIT = dict(
 # Calls that both tiny transformers (3x8x8 inputs, patch 2, 10 classes) must refuse with a ValueError matching the
 # second entry: each is `(call(model), match)`.
 BAD_TRANSFORMER_INPUTS = [
-        (lambda m: m(torch.randn(2, 3, 7, 8), torch.zeros(2), torch.tensor([0, 1])), "divisible by patch_size"),
-        (lambda m: m(torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([0, 1])), "in_channels"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 11])), "class_labels"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([-1, 1])), "class_labels"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2)), "class_labels are required"),
-        (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(3), torch.tensor([0, 1])), "timestep"),
-        (
-            lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 15, dtype=torch.bool)),
-            "mask must have shape",
+    (lambda m: m(torch.randn(2, 3, 7, 8), torch.zeros(2), torch.tensor([0, 1])), "divisible by patch_size"),
+    (lambda m: m(torch.randn(2, 4, 8, 8), torch.zeros(2), torch.tensor([0, 1])), "in_channels"),
+    (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 11])), "class_labels"),
+    (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([-1, 1])), "class_labels"),
+    (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2)), "class_labels are required"),
+    (lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(3), torch.tensor([0, 1])), "timestep"),
+    (
+        lambda m: m(
+            torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.zeros(2, 15, dtype=torch.bool)
         ),
-        (
-            lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([0, 1]), mask=torch.tensor([[True] * 2 + [False] * 14, [True] * 3 + [False] * 13])),
-            "same number",
+        "mask must have shape",
+    ),
+    (
+        lambda m: m(
+            torch.randn(2, 3, 8, 8),
+            torch.zeros(2),
+            torch.tensor([0, 1]),
+            mask=torch.tensor([[True] * 2 + [False] * 14, [True] * 3 + [False] * 13]),
         ),
+        "same number",
+    ),
 ]
 
 

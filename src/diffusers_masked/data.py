@@ -553,7 +553,10 @@ def extract_latents(
         for index in mine:
             rows = source.select(range(index * shard_size, min((index + 1) * shard_size, len(source))))
             loader = torch.utils.data.DataLoader(
-                rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_TransformBatch(transform, image_column, label_column)
+                rows,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                collate_fn=_TransformBatch(transform, image_column, label_column),
             )
             _write_latent_shard(loader, vae, device, xflip, label_feature, shard_paths[index], progress)
     except BaseException:

@@ -215,7 +215,9 @@ def generate_mask(
     raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
 
 
-def generated_mask_count(mask_type: str, grid_size: int | tuple[int, int], mask_ratio: float, block_size: int = 2) -> int:
+def generated_mask_count(
+    mask_type: str, grid_size: int | tuple[int, int], mask_ratio: float, block_size: int = 2
+) -> int:
     """The number of tokens `generate_mask` removes per sample with these arguments, without drawing a mask.
 
     Passed on as ``num_masked`` (to a model's `forward` or `masked_training_loss`), it spares them reading the mask's
@@ -245,10 +247,14 @@ def check_mask(mask: torch.Tensor, batch_size: int, num_tokens: int, num_masked:
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool (True = removed token), got {mask.dtype}")
     if tuple(mask.shape) != (batch_size, num_tokens):
-        raise ValueError(f"mask must have shape (batch, num_tokens) = ({batch_size}, {num_tokens}), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have shape (batch, num_tokens) = ({batch_size}, {num_tokens}), got {tuple(mask.shape)}"
+        )
     if num_masked is not None:
         if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 0 <= num_masked < num_tokens:
-            raise ValueError(f"num_masked must be an int in [0, {num_tokens}) (at least one token visible), got {num_masked!r}")
+            raise ValueError(
+                f"num_masked must be an int in [0, {num_tokens}) (at least one token visible), got {num_masked!r}"
+            )
         return num_masked
     counts = mask.sum(dim=1).tolist()
     if any(count != counts[0] for count in counts):

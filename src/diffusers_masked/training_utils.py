@@ -891,7 +891,9 @@ def load_training_data(
     from diffusers import AutoencoderKL
 
     if random_crop:
-        raise ValueError("random crops cannot be used with a VAE: latents are extracted once (flips can: --random_flip)")
+        raise ValueError(
+            "random crops cannot be used with a VAE: latents are extracted once (flips can: --random_flip)"
+        )
     if latent_cache_dir is None:
         raise ValueError("latent_cache_dir is required with a VAE")
     autoencoder = AutoencoderKL.from_pretrained(vae, subfolder=vae_subfolder).eval()
@@ -956,7 +958,9 @@ def resolve_model_config(spec: str, model_cls) -> dict:
     accepted = set(inspect.signature(model_cls.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - accepted)
     if unknown:
-        raise ValueError(f"{source} has keys {model_cls.__name__} does not take: {unknown}; it takes {sorted(accepted)}")
+        raise ValueError(
+            f"{source} has keys {model_cls.__name__} does not take: {unknown}; it takes {sorted(accepted)}"
+        )
     # Build it once on the meta device (no memory, no init work) so that an inconsistent config (heads that do not
     # divide, a negative depth) fails here, before any data is read. The data's size fills in a missing sample_size
     # later; for the probe any size that the patch divides will do.

@@ -90,7 +90,9 @@ def _npz_uint8_batches(path: Path, key: str, batch_size: int) -> Iterator[np.nda
             raise ValueError(f"{path} has no {key!r} array (it has {keys})")
         with archive.open(member) as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(f)
             if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
                 raise ValueError(
@@ -571,7 +573,9 @@ def reference_statistics(
                 return FeatureStatistics.load(path)
             if "arr_0" in keys:
                 return compute_statistics(path, **common)
-            raise ValueError(f"{path} holds neither reference statistics (mu, sigma) nor images (arr_0): {sorted(keys)}")
+            raise ValueError(
+                f"{path} holds neither reference statistics (mu, sigma) nor images (arr_0): {sorted(keys)}"
+            )
         if not path.is_dir():
             raise ValueError(f"reference {str(reference)!r} is neither an .npz file nor a folder of images")
         source = {"folder": str(path.resolve()), "files": _source_fingerprint(path)}
@@ -592,7 +596,12 @@ def reference_statistics(
             split=split,
         )
         transform = ImageTransform(resolution, num_channels=num_channels or 3)
-        source = {"dataset": dataset_name, "config": dataset_config_name, "split": split, "fingerprint": dataset._fingerprint}
+        source = {
+            "dataset": dataset_name,
+            "config": dataset_config_name,
+            "split": split,
+            "fingerprint": dataset._fingerprint,
+        }
 
         def batches():
             for start in range(0, len(dataset), batch_size):

@@ -242,7 +242,9 @@ def sample_shard(
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in zip(indices, images):
             image = image[..., 0] if image.shape[-1] == 1 else image
-            _atomic_write(folder / f"{i:06d}.png", lambda tmp, im=image: PIL.Image.fromarray(im).save(tmp, "PNG"), ".png")
+            _atomic_write(
+                folder / f"{i:06d}.png", lambda tmp, im=image: PIL.Image.fromarray(im).save(tmp, "PNG"), ".png"
+            )
     record = {
         "indices": np.asarray(indices, dtype=np.int64),
         "labels": np.asarray(labels if labels is not None else [], dtype=np.int64),

@@ -177,7 +177,9 @@ def check_transformer_inputs(
     if channels != in_channels:
         raise ValueError(f"hidden_states must have in_channels={in_channels} channels, got {channels}")
     if height % patch_size or width % patch_size:
-        raise ValueError(f"hidden_states height and width ({height}x{width}) must be divisible by patch_size={patch_size}")
+        raise ValueError(
+            f"hidden_states height and width ({height}x{width}) must be divisible by patch_size={patch_size}"
+        )
 
     timestep = torch.as_tensor(timestep, device=hidden_states.device)
     if timestep.ndim == 0:
@@ -295,7 +297,9 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         self.register_buffer("pos_embed", sincos_positions(self.inner_dim, grid, grid), persistent=False)
         self.transformer_blocks = nn.ModuleList(
             [
-                AdaLNZeroBlock(self.inner_dim, num_attention_heads, attention_head_dim, self.inner_dim, mlp_ratio, norm_eps)
+                AdaLNZeroBlock(
+                    self.inner_dim, num_attention_heads, attention_head_dim, self.inner_dim, mlp_ratio, norm_eps
+                )
                 for _ in range(num_layers)
             ]
         )
@@ -306,9 +310,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
             # projection into the decoder's width.
             self.decoder_layer = AdaLNProjection(self.inner_dim, self.inner_dim, self.decoder_dim, norm_eps)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.decoder_dim))
-            self.register_buffer(
-                "decoder_pos_embed", sincos_positions(self.decoder_dim, grid, grid), persistent=False
-            )
+            self.register_buffer("decoder_pos_embed", sincos_positions(self.decoder_dim, grid, grid), persistent=False)
             self.decoder_blocks = nn.ModuleList(
                 [
                     AdaLNZeroBlock(

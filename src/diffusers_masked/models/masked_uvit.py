@@ -31,6 +31,7 @@ MASKDM_PATCH_SIZE = 4
 # The official initialisation: truncated normal with std 0.02 (bounds +-2 in absolute value, as timm's), zero biases.
 INIT_STD = 0.02
 
+
 @dataclass
 class MaskedUViTTransformer2DModelOutput(MaskedDiTTransformer2DModelOutput):
     """
@@ -149,7 +150,9 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         # MaskDM's time features: cos first, no frequency shift, max period 10000, of the raw step.
         self.time_proj = Timesteps(self.inner_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = (
-            TimestepEmbedding(self.inner_dim, 4 * self.inner_dim, out_dim=self.inner_dim) if time_embedding_mlp else None
+            TimestepEmbedding(self.inner_dim, 4 * self.inner_dim, out_dim=self.inner_dim)
+            if time_embedding_mlp
+            else None
         )
         self.class_embedder = nn.Embedding(num_classes + 1, self.inner_dim) if num_classes > 0 else None
         num_positions = self.num_extra_tokens + self.grid_size[0] * self.grid_size[1]

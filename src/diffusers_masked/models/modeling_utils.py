@@ -20,13 +20,19 @@ class StrictLoadingMixin(ModelMixin):
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = []
-        for kind, keys in (("missing from the weights", info["missing_keys"]), ("not in the model", info["unexpected_keys"])):
+        for kind, keys in (
+            ("missing from the weights", info["missing_keys"]),
+            ("not in the model", info["unexpected_keys"]),
+        ):
             if keys:
-                problems.append(f"{len(keys)} parameters {kind}: {', '.join(sorted(keys)[:8])}{', ...' * (len(keys) > 8)}")
+                problems.append(
+                    f"{len(keys)} parameters {kind}: {', '.join(sorted(keys)[:8])}{', ...' * (len(keys) > 8)}"
+                )
         if problems:
             where = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
             raise ValueError(
-                f"the weights in {where} do not fit its config ({cls.__name__}): " + "; ".join(problems)
+                f"the weights in {where} do not fit its config ({cls.__name__}): "
+                + "; ".join(problems)
                 + ". Was config.json edited, or saved from another model? Save the model again with save_pretrained."
             )
         return (model, info) if wants_info else model

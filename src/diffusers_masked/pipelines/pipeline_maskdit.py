@@ -81,7 +81,9 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
     def _class_label_tensor(self, class_labels, batch_size):
         if self.num_classes == 0:
             if class_labels is not None:
-                raise ValueError("class_labels were given but the transformer is unconditional (num_classes=0); pass batch_size")
+                raise ValueError(
+                    "class_labels were given but the transformer is unconditional (num_classes=0); pass batch_size"
+                )
             if batch_size is None or int(batch_size) < 1:
                 raise ValueError(f"batch_size must be a positive int for an unconditional model, got {batch_size}")
             return None, int(batch_size)
@@ -137,7 +139,11 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
         Returns:
             [`~diffusers.ImagePipelineOutput`] with `images`, or a tuple `(images,)`.
         """
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
@@ -168,8 +174,10 @@ class MaskDiTPipeline(MaskedDiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            timestep = t.to(device).expand(model_input.shape[0]) if torch.is_tensor(t) else torch.full(
-                (model_input.shape[0],), t, device=device
+            timestep = (
+                t.to(device).expand(model_input.shape[0])
+                if torch.is_tensor(t)
+                else torch.full((model_input.shape[0],), t, device=device)
             )
             output = self.transformer(model_input, timestep, class_labels=model_labels).sample
             # A model that also predicts a variance (DiT's learned sigma) guides and steps on its first channels.

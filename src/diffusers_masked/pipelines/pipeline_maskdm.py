@@ -96,7 +96,11 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def _check_inputs(self, batch_size, class_labels, guidance_scale, num_inference_steps, eta, output_type):
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         num_train_timesteps = self.scheduler.config.get("num_train_timesteps")
         if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:

@@ -57,7 +57,9 @@ def own_shim_source(name: str, class_name: str) -> str | None:
     """The shim text for `name`/`class_name` if `diffusers_masked.<subpackage>.<name>` defines that class, else `None`.
 
     Only our own installed modules are imported to answer this, never a file of the folder being checked."""
-    if not (isinstance(name, str) and isinstance(class_name, str) and name.isidentifier() and class_name.isidentifier()):
+    if not (
+        isinstance(name, str) and isinstance(class_name, str) and name.isidentifier() and class_name.isidentifier()
+    ):
         return None
     if keyword.iskeyword(name):
         return None
@@ -123,7 +125,9 @@ def foreign_code(index: dict, code_files: list[str], read) -> list[str]:
             # imported (see below).
             problems.append(f"{component!r} names the module {library!r}, which is neither diffusers' nor ours")
 
-    problems += [f"{path} is a code file that is not a diffusers-masked shim" for path in code_files if path not in checked]
+    problems += [
+        f"{path} is a code file that is not a diffusers-masked shim" for path in code_files if path not in checked
+    ]
     return problems
 
 
@@ -151,7 +155,9 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
                 `push_to_hub=True` is not supported here, use [`~MaskedDiffusionPipeline.push_to_hub`].
         """
         if kwargs.pop("push_to_hub", False):
-            raise ValueError("push_to_hub=True is not supported by save_pretrained; call pipeline.push_to_hub(repo_id)")
+            raise ValueError(
+                "push_to_hub=True is not supported by save_pretrained; call pipeline.push_to_hub(repo_id)"
+            )
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         class_name = self.__class__.__name__
@@ -162,7 +168,11 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         for component, entry in index.items():
             # diffusers records a class of ours under its module path, which it would only find already imported;
             # a shim in the component's folder makes it load in any process, from a folder or the Hub.
-            if not component.startswith("_") and isinstance(entry, list) and str(entry[0]).startswith("diffusers_masked."):
+            if (
+                not component.startswith("_")
+                and isinstance(entry, list)
+                and str(entry[0]).startswith("diffusers_masked.")
+            ):
                 module, component_class = entry
                 name = module.rsplit(".", 1)[1]
                 (folder / component / f"{name}.py").write_text(shim_source(module, component_class))
@@ -222,7 +232,11 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         `ValueError` listing what was found. `trust_remote_code=True` skips the check and runs the repo's code, as
         with any custom pipeline: pass it only for a repo you trust.
         """
-        if cls is not MaskedDiffusionPipeline and "trust_remote_code" not in kwargs and "custom_pipeline" not in kwargs:
+        if (
+            cls is not MaskedDiffusionPipeline
+            and "trust_remote_code" not in kwargs
+            and "custom_pipeline" not in kwargs
+        ):
             problems, pinned = cls._check_code(pretrained_model_name_or_path, **kwargs)
             if problems:
                 raise ValueError(
@@ -293,7 +307,9 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             sections.append(f"## Evaluation\n\n| metric | value | dataset |\n|---|---|---|\n{rows}\n")
         if training_config:
             sections.append(
-                "## Training\n\n```json\n" + json.dumps(training_config, indent=2, sort_keys=True, default=str) + "\n```\n"
+                "## Training\n\n```json\n"
+                + json.dumps(training_config, indent=2, sort_keys=True, default=str)
+                + "\n```\n"
             )
         sections.append(
             "## Components\n\n```json\n" + json.dumps(configs, indent=2, sort_keys=True, default=str) + "\n```\n"
@@ -330,7 +346,9 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"extra_files[{name!r}] = {str(path)!r} is not a file")
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        card = model_card or self.create_model_card(repo_id, training_config=training_config, eval_results=eval_results)
+        card = model_card or self.create_model_card(
+            repo_id, training_config=training_config, eval_results=eval_results
+        )
         with tempfile.TemporaryDirectory() as tmpdir:
             self.save_pretrained(tmpdir, model_card=card, safe_serialization=safe_serialization)
             for name, path in extra_files.items():
