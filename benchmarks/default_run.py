@@ -18,8 +18,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
-from _machine import machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script, also when loaded by path
+from harness.report import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {

@@ -29,8 +29,8 @@ import torch
 
 from diffusers_masked.evaluation import evaluate_pipeline_on_digits, sampling
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
-from _machine import machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script, also when loaded by path
+from harness.report import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLERS = {"edm_heun": "EDM Heun", "edm_euler": "EDM Euler", "edm_dpmsolver": "EDM DPM-Solver++ (2M)"}

@@ -8,7 +8,8 @@
 The task has something for masking to save: scikit-learn's digits upsampled to 16x16 with patch 2, 64 tokens per
 image (the built-in default recipe's size). `--resolution 32` gives 256 tokens, an ImageNet-256 latent's count at
 patch 2, but on 2 CPU cores one step of batch 64 then takes 1.75 s and one evaluation about 4 minutes, so the hour
-buys about 275 steps per arm: samples of noise, no quality to reach. Each arm is a small recipe (`ARMS`) trained for the same
+buys about 275 steps per arm: samples of noise, no quality to reach. Each arm is a small recipe (`ARMS`) trained
+for the same
 wall-clock budget of *training* seconds; at `--num_evals` evenly spaced points of that clock and at its end the EMA
 weights are evaluated with a fixed sampler and fixed seeds (digits-FID against the real training split, the share of
 samples classified as their class), and the evaluation's own time is kept off the clock. MaskDiT arms:
@@ -57,8 +58,8 @@ from diffusers_masked import (
 from diffusers_masked.data import load_digits_arrays
 from diffusers_masked.evaluation import evaluate_pipeline_on_digits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, also when loaded by path
-from _machine import machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this script, also when loaded by path
+from harness.report import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -309,7 +310,8 @@ def table(runs: list[dict], rows: list[dict]) -> str:
         final = run["points"][-1]
         accuracy = "-" if final["accuracy"] is None else f"{final['accuracy']:.1%}"
         lines.append(
-            f"| {run['arm']} | {run['seed']} | {run['steps']} | {run['seconds_per_step']:.3f} | {final['fid']:.2f} | {accuracy} |"
+            f"| {run['arm']} | {run['seed']} | {run['steps']} | {run['seconds_per_step']:.3f} | {final['fid']:.2f} "
+            f"| {accuracy} |"
         )
     lines += [
         "",

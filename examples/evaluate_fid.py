@@ -29,7 +29,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--reference",
         default=None,
-        help="An .npz of reference statistics (mu, sigma) or of a reference batch (arr_0), or a folder of real images.",
+        help="An .npz of reference statistics (mu, sigma) or of a reference batch (arr_0), or a folder of real "
+        "images.",
     )
     parser.add_argument("--reference_dataset", default=None, help="A `datasets` dataset (Hub id or local path).")
     parser.add_argument("--reference_config", default=None, help="The dataset's configuration name.")

@@ -49,7 +49,8 @@ def parse_args(argv=None):
 
 
 def load_pipeline(pipeline_dir: str):
-    """Load a saved `MaskDiTPipeline` folder (or Hub id); every code file is checked to be our shims, so no `trust_remote_code` is needed."""
+    """Load a saved `MaskDiTPipeline` folder (or Hub id); every code file is checked to be our shims, so no
+    `trust_remote_code` is needed."""
     from diffusers_masked import MaskDiTPipeline
 
     return MaskDiTPipeline.from_pretrained(pipeline_dir)

@@ -127,7 +127,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from diffusers_masked.training_utils import check_distributed_launch
+    from diffusers_masked.training.distributed import check_distributed_launch
 
     state = Accelerator()
     # Without this check, a launch that accelerate does not distribute would have every process draw every shard.

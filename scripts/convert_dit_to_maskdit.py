@@ -1,4 +1,5 @@
-"""Initialise a MaskDiT transformer's encoder from a diffusers DiT (e.g. facebook/DiT-XL-2-256), for masked fine-tuning.
+"""Initialise a MaskDiT transformer's encoder from a diffusers DiT (e.g. facebook/DiT-XL-2-256), for masked
+fine-tuning.
 
     python scripts/convert_dit_to_maskdit.py --pretrained_model_name_or_path facebook/DiT-XL-2-256 \\
         --output_dir maskdit-from-dit-xl-2-256 --decoder_num_layers 8

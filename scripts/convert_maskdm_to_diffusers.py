@@ -9,7 +9,7 @@ The file is read without running code (see `diffusers_masked.conversion.load_che
 import argparse
 
 from diffusers_masked.conversion import WEIGHTS, convert_maskdm_checkpoint
-from diffusers_masked.training_utils import int_at_least
+from diffusers_masked.training.arguments import int_at_least
 
 
 def parse_args(argv=None):

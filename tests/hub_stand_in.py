@@ -1,6 +1,7 @@
 """A local stand-in of the Hugging Face Hub, for testing loading by repo id and `push_to_hub` offline.
 
-It answers, on 127.0.0.1 only, the requests that `huggingface_hub` makes for `model_info`/`repo_info`, `list_repo_tree`,
+It answers, on 127.0.0.1 only, the requests that `huggingface_hub` makes for `model_info`/`repo_info`,
+`list_repo_tree`,
 `hf_hub_download` and `snapshot_download` (HEAD and GET of `/{repo}/resolve/{revision}/{path}`), and for `create_repo`
 and `upload_folder` (`/api/repos/create`, `/api/validate-yaml`, `preupload`, `commit`). Every file is uploaded as a
 regular (non-LFS) blob, which the real Hub also accepts. Repos live in memory; every commit gets a new sha.

@@ -1,4 +1,5 @@
-"""The benchmark's statistics and allocator setting (its timings are measured by running it, never asserted here)."""
+"""The benchmarks' harness (statistics, process isolation, allocator setting) and what each measurement times
+(their timings are measured by running them, never asserted here)."""
 
 import argparse
 import importlib.util
@@ -15,13 +16,17 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
 train_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_step)
+spec.loader.exec_module(train_step)  # puts benchmarks/ on sys.path, for the harness
+
+from harness import isolation  # noqa: E402
+from harness import statistics as bench_statistics  # noqa: E402
+from harness.examples import load_example  # noqa: E402
 
 
 def test_one_process_interval_is_the_plain_bootstrap_of_the_median():
     rng = random.Random(1)
     values = [1.0 + rng.gauss(0, 0.05) for _ in range(25)]
-    low, high = train_step.median_ci([values])
+    low, high = bench_statistics.median_ci([values])
     # An independent plain bootstrap of the median, with many more resamples.
     boot = random.Random(7)
     medians = sorted(statistics.median(boot.choices(values, k=len(values))) for _ in range(20000))
@@ -36,8 +41,8 @@ def test_the_spread_between_processes_widens_the_interval():
     rng = random.Random(3)
     levels = [0.98, 1.00, 1.03, 1.06]
     groups = [[level + rng.uniform(-0.002, 0.002) for _ in range(8)] for level in levels]
-    pooled = train_step.median_ci([[v for group in groups for v in group]])
-    clustered = train_step.median_ci(groups)
+    pooled = bench_statistics.median_ci([[v for group in groups for v in group]])
+    clustered = bench_statistics.median_ci(groups)
     assert clustered[0] <= 0.99 and clustered[1] >= 1.05
     assert clustered[1] - clustered[0] > 1.5 * (pooled[1] - pooled[0])
 
@@ -55,11 +60,11 @@ def test_help_renders(capsys):
 
 
 _TOUCH_REPEATEDLY = """
-import importlib.util, sys
+import sys
 import torch
-spec = importlib.util.spec_from_file_location("train_step_benchmark", sys.argv[1])
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+import diffusers_masked.models.masked_dit  # what a worker has imported before its first step
+sys.path.insert(0, sys.argv[1])
+from harness import isolation as bench
 if sys.argv[2] == "keep":
     assert bench.keep_freed_memory()
 def touch():
@@ -75,12 +80,15 @@ print(bench.minor_page_faults() - before)
 
 def _faults_of_three_more_64_mib_blocks(allocator):
     out = subprocess.run(
-        [sys.executable, "-c", _TOUCH_REPEATEDLY, str(SCRIPT), allocator], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _TOUCH_REPEATEDLY, str(SCRIPT.parent), allocator],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(train_step.glibc() is None, reason="glibc's mallopt")
+@pytest.mark.skipif(isolation.glibc() is None, reason="glibc's mallopt")
 def test_keep_freed_memory_stops_freed_blocks_from_faulting_in_anew():
     # glibc's default serves a 64 MiB block (above its largest mmap threshold) by a fresh mmap each time: 16,384
     # pages fault in again per block. Kept, once warm, each block reuses pages an earlier one freed.
@@ -88,6 +96,26 @@ def test_keep_freed_memory_stops_freed_blocks_from_faulting_in_anew():
     # Kept: at most one of the three faults in anew (16,384 pages; seen once in CI beside another job's memory
     # churn), against all three under the defaults.
     assert _faults_of_three_more_64_mib_blocks("keep") < 16_384 + 1_000
+
+
+def test_the_timed_step_is_the_training_scripts_own_step_through_the_librarys_optimizer_step(monkeypatch):
+    # The benchmark builds its configuration as examples/train_maskdit.py does and must call that script's
+    # training_step (not a copy): a spy put in its place sees every micro-batch of the timed steps.
+    script = load_example("train_maskdit")
+    calls = []
+    real = script.training_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["grid_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(script, "training_step", spy)
+    spec = {"kind": "light", "preset": "S/2", "resolution": 8, "official_repo": None, "attention_backend": None}
+    spec |= {"compile": "off", "device": "cpu", "dtype": "fp32", "gradient_accumulation_steps": 2, "batch_size": 2}
+    step, device, num_parameters = train_step.build_step({**spec, "mask_ratio": 0.5, "seed": 0})
+    step()
+    assert calls == [(4, 4), (4, 4)]  # two micro-batches of one optimizer step, on the 8x8 / patch-2 grid
+    assert device.type == "cpu" and num_parameters > 0
 
 
 def test_allocator_choice_is_validated():

@@ -20,11 +20,11 @@ from diffusers_masked.conversion import (
     convert_maskdit_checkpoint,
     convert_maskdit_state_dict,
     imagenet_id2label,
-    load_checkpoint,
     maskdit_config_from_state_dict,
     maskdit_scheduler,
     select_state_dict,
 )
+from diffusers_masked.utils.safe_loading import load_torch_file
 from tests.tiny import tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -338,7 +338,7 @@ def test_training_checkpoint_with_a_config_object_loads_its_tensors(tmp_path):
     sd = save_training_checkpoint(path, TrainingConfig())
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(path, weights_only=True)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_torch_file(path)
     assert type(checkpoint["args"]).__name__ == "TrainingConfig" and not isinstance(checkpoint["args"], TrainingConfig)
     assert all(torch.equal(checkpoint["ema"][k], v) for k, v in sd.items())
     assert torch.is_tensor(checkpoint["opt"]["state"][0]["exp_avg"])
@@ -347,7 +347,7 @@ def test_training_checkpoint_with_a_config_object_loads_its_tensors(tmp_path):
 def test_training_checkpoint_with_a_malicious_reduce_runs_nothing(tmp_path):
     path, marker = tmp_path / "evil.pt", tmp_path / "marker"
     sd = save_training_checkpoint(path, Payload(marker))
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_torch_file(path)
     assert not marker.exists()
     assert all(torch.equal(checkpoint["ema"][k], v) for k, v in sd.items())
     # The payload is live: plain unpickling does run it.

@@ -152,7 +152,8 @@ def diffusion_buffers(schedule="squaredcos_cap_v2", T=1000):
     buffers = {
         "betas": betas, "alphas": 1 - betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
         "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(), "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
         "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(), "posterior_variance": posterior_variance,
         "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
         "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),

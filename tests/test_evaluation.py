@@ -23,8 +23,7 @@ from diffusers_masked.evaluation import (
     images_to_tensor,
     resolve_inception_weights,
 )
-from diffusers_masked.evaluation import digits as digits_module
-from diffusers_masked.evaluation import fid as fid_module
+from diffusers_masked.evaluation import features as features_module
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -41,8 +40,8 @@ def classifier(cache_dir):
 
 @pytest.fixture(scope="module")
 def digits():
-    real, real_labels = digits_module._digits_tensors(16, "train", seed=0)
-    heldout, heldout_labels = digits_module._digits_tensors(16, "heldout", seed=0)
+    real, real_labels = features_module._digits_tensors(16, "train", seed=0)
+    heldout, heldout_labels = features_module._digits_tensors(16, "heldout", seed=0)
     return SimpleNamespace(real=real, real_labels=real_labels, heldout=heldout, heldout_labels=heldout_labels)
 
 
@@ -69,7 +68,7 @@ def test_classifier_is_cached_and_reloaded_without_training(classifier, cache_di
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier was trained again")
 
-    monkeypatch.setattr(digits_module, "_train_digits_classifier", no_training)
+    monkeypatch.setattr(features_module, "_train_digits_classifier", no_training)
     reloaded = get_digits_classifier(resolution=16, cache_dir=cache_dir, seed=0)
     assert reloaded.heldout_accuracy == classifier.heldout_accuracy
     for (name, a), (_, b) in zip(classifier.state_dict().items(), reloaded.state_dict().items()):
@@ -158,13 +157,13 @@ def test_fid_rejects_images_in_minus_one_one(cache_dir, classifier, digits):
 
 
 def test_inception_without_torch_fidelity_says_how_to_install_it(monkeypatch, no_network, digits):
-    monkeypatch.setattr(fid_module, "_torch_fidelity_available", lambda: False)
+    monkeypatch.setattr(features_module, "_torch_fidelity_available", lambda: False)
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         compute_fid(digits.real[:4], digits.heldout[:4], feature_extractor="inception")
 
 
 def test_inception_without_weights_says_where_to_get_them(monkeypatch, no_network, tmp_path, digits):
-    monkeypatch.setattr(fid_module, "_torch_fidelity_available", lambda: True)
+    monkeypatch.setattr(features_module, "_torch_fidelity_available", lambda: True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth") as excinfo:
         compute_fid(digits.real[:4], digits.heldout[:4], feature_extractor="inception")
@@ -175,7 +174,7 @@ def test_inception_without_weights_says_where_to_get_them(monkeypatch, no_networ
 
 
 def test_inception_weights_are_found_in_the_torch_hub_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(fid_module, "_torch_fidelity_available", lambda: True)
+    monkeypatch.setattr(features_module, "_torch_fidelity_available", lambda: True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     cached = tmp_path / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     assert resolve_inception_weights(allow_download=True) is None  # torch-fidelity may download it
@@ -329,10 +328,10 @@ def test_an_unusable_cached_classifier_is_replaced(classifier, tmp_path, monkeyp
     cached = tmp_path / "digits-classifier-v1-r16-s0.safetensors"
     cached.write_bytes(b"not a safetensors file")
     trained = copy.deepcopy(classifier)
-    monkeypatch.setattr(digits_module, "_train_digits_classifier", lambda resolution, seed: (trained, 0.5))
+    monkeypatch.setattr(features_module, "_train_digits_classifier", lambda resolution, seed: (trained, 0.5))
     assert get_digits_classifier(resolution=16, cache_dir=tmp_path).heldout_accuracy == 0.5
     assert "unusable cached digits classifier" in caplog.text
-    monkeypatch.setattr(digits_module, "_train_digits_classifier", None)  # the rewritten file now loads
+    monkeypatch.setattr(features_module, "_train_digits_classifier", None)  # the rewritten file now loads
     reloaded = get_digits_classifier(resolution=16, cache_dir=tmp_path)
     torch.testing.assert_close(reloaded.head.weight, classifier.head.weight, rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == [cached.name]

@@ -20,6 +20,7 @@ from diffusers_masked.evaluation import (
     inception_score,
     reference_statistics,
 )
+from diffusers_masked.evaluation import features as features_module
 from diffusers_masked.evaluation import fid as fid_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate_fid.py"
@@ -104,7 +105,8 @@ def test_fid_from_sample_npz_equals_the_float64_formula_on_the_features(tmp_path
     real = (torch.rand(400, 1, 4, 4, generator=gen) ** 2 * 255).round().to(torch.uint8)
     extractor = Project(16)
     results = evaluate_samples(
-        _write_npz(tmp_path / "samples.npz", fake), _write_npz(tmp_path / "ref.npz", real), feature_extractor=extractor,
+        _write_npz(tmp_path / "samples.npz", fake), _write_npz(tmp_path / "ref.npz", real),
+        feature_extractor=extractor,
         inception_score_splits=None, batch_size=64,
     )  # fmt: skip
     f_fake, f_real = (extractor(x.float() / 255).numpy() for x in (fake, real))
@@ -255,7 +257,7 @@ def test_inception_score_splits_are_checked():
 
 
 def test_inception_without_weights_names_the_allow_download_flag(tmp_path, monkeypatch, no_network):
-    monkeypatch.setattr(fid_module, "_torch_fidelity_available", lambda: True)
+    monkeypatch.setattr(features_module, "_torch_fidelity_available", lambda: True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     samples = _write_npz(tmp_path / "s.npz", torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
     with pytest.raises(FileNotFoundError, match="--allow_download") as excinfo:
@@ -264,18 +266,16 @@ def test_inception_without_weights_names_the_allow_download_flag(tmp_path, monke
 
 
 def test_the_cli_evaluates_digit_pngs_against_a_digit_folder_offline(tmp_path, no_network):
-    from diffusers_masked.evaluation import digits
-
     for name, split, count in (("samples", "heldout", 60), ("real", "train", 200)):
         (tmp_path / name).mkdir()
-        images, _ = digits._digits_tensors(16, split, seed=0)
+        images, _ = features_module._digits_tensors(16, split, seed=0)
         for i, image in enumerate(images[:count, 0].mul(255).round().byte().numpy()):
             PIL.Image.fromarray(image).save(tmp_path / name / f"{i:04d}.png")
     argv = ["--samples", str(tmp_path / "samples"), "--reference", str(tmp_path / "real"), "--feature_extractor"]
     argv += ["digits", "--inception_score_splits", "2", "--cache_dir", str(tmp_path / "cache")]
     results = evaluate_fid.main(argv + ["--output_json", str(tmp_path / "fid.json")])
-    heldout, _ = digits._digits_tensors(16, "heldout", seed=0)
-    train, _ = digits._digits_tensors(16, "train", seed=0)
+    heldout, _ = features_module._digits_tensors(16, "heldout", seed=0)
+    train, _ = features_module._digits_tensors(16, "train", seed=0)
     expected = compute_fid(train[:200], heldout[:60], cache_dir=tmp_path / "cache")  # torchmetrics' metric
     assert results["fid"] == pytest.approx(expected, rel=1e-3)
     assert results["num_samples"] == 60 and results["num_reference"] == 200

@@ -75,7 +75,7 @@ def test_crop_mask_positions_vary_and_are_seeded():
 
 
 def test_generate_mask_dispatches_and_rejects_unknown_type():
-    assert generate_mask("random", 2, (4, 4), 0.5, generator=_gen()).sum().item() == 16
+    assert generate_mask("patch", 2, (4, 4), 0.5, generator=_gen()).sum().item() == 16
     with pytest.raises(ValueError, match="mask_type"):
         generate_mask("stripes", 2, 4, 0.5)
 

@@ -1,6 +1,6 @@
 """examples/train_maskdit.py: its flags, and tiny end-to-end runs through `accelerate launch`.
 
-The machinery it shares with the other training scripts is tested in test_training_utils.py."""
+The machinery it shares with the other training scripts is tested in test_training.py."""
 
 import importlib.util
 import json
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_masked.training_utils import SHARDED_EMA_DIR, TRAINING_STATE_FILE, list_checkpoints
+from diffusers_masked.training.checkpoints import TRAINING_STATE_FILE, list_checkpoints
+from diffusers_masked.training.ema import SHARDED_EMA_DIR
 from tests.launch import assert_same_weights, env, kill_when, launch, launch_cmd, weights
 from tests.tiny import tiny_vae
 

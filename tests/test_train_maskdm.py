@@ -1,6 +1,6 @@
 """examples/train_maskdm.py: its flags, and tiny two-stage runs through `accelerate launch`.
 
-The machinery it shares with train_maskdit.py is tested in test_training_utils.py."""
+The machinery it shares with train_maskdit.py is tested in test_training.py."""
 
 import importlib.util
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from diffusers_masked import MaskedUViTTransformer2DModel
-from diffusers_masked.training_utils import ONLINE_DIR, TRAINING_STATE_FILE, list_checkpoints, load_start_model
+from diffusers_masked.training.checkpoints import TRAINING_STATE_FILE, list_checkpoints
+from diffusers_masked.training.models import ONLINE_DIR, load_start_model
 from tests.launch import REPO, assert_same_weights, env, kill_when, launch, weights
 
 SCRIPT = REPO / "examples" / "train_maskdm.py"
@@ -133,7 +134,8 @@ def test_the_saved_pipeline_loads_and_samples_in_a_fresh_process(two_stage_run):
         "import torch; from diffusers import DiffusionPipeline; from diffusers_masked import MaskDMPipeline\n"
         f"a = DiffusionPipeline.from_pretrained({str(two_stage_run)!r}, trust_remote_code=True)\n"
         f"b = MaskDMPipeline.from_pretrained({str(two_stage_run)!r})\n"
-        "x, y = (p(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type='np').images for p in (a, b))\n"
+        "x, y = (p(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),\n"
+        "          output_type='np').images for p in (a, b))\n"
         "assert type(a).__name__ == 'MaskDMPipeline' and x.shape == (2, 8, 8, 1) and (x == y).all()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
@@ -166,14 +168,15 @@ def test_kill_minus_9_in_each_stage_then_resume_ends_with_the_weights_of_an_unin
     )
 
 
-# ------------------------------------------------------------------------------------------------ distributed, precision, Hub
+# ------------------------------------------------------------------------------------ distributed, precision, Hub
 
 DISTRIBUTED = [*TWO_STAGES, "--train_batch_size", "8", "--finetune_batch_size", "8"]
 
 
 @pytest.mark.slow
 def test_both_stages_under_two_process_ddp_and_fsdp2_end_with_the_same_weights(tmp_path):
-    # The two stages share the data-parallel and FSDP2 code of train_maskdit.py (training_utils); here they run it:
+    # The two stages share the data-parallel and FSDP2 code of train_maskdit.py (diffusers_masked.training); here they
+    # run it:
     # DDP without searching for unused parameters through a masked and an unmasked stage, then FSDP2 (sharded weights,
     # optimizer state and EMA), which must end each stage where DDP ends. For MaskDiT the two agree to the bit; for the
     # U-ViT they differ in the last bits (at most 6e-8 after 4 + 3 steps, in weights up to 1; cause not found), so here

@@ -12,7 +12,7 @@ from diffusers_masked import EDMHeunScheduler, MaskedDDPMScheduler
 from diffusers_masked.data import sample_latents
 from diffusers_masked.masking import MASK_TYPES, generate_mask, generated_mask_count
 from diffusers_masked.schedulers.masked_training import drop_class_labels
-from diffusers_masked.training_utils import step_generator
+from diffusers_masked.training.batches import step_generator
 from tests.tiny import tiny_transformer, tiny_uvit
 
 # Every way Python code turns a tensor into host values.
@@ -34,7 +34,7 @@ def count_host_reads(monkeypatch):
         yield reads
 
 
-def _step(model, scheduler, optimizer, step, mask_ratio, mask_type="random", latent=False):
+def _step(model, scheduler, optimizer, step, mask_ratio, mask_type="patch", latent=False):
     """One step as examples/train_maskdit.py takes it: generator, data, label dropout, mask, loss, backward, AdamW."""
     generator = step_generator(0, step, 0, "cpu")
     batch_size, size, patch = 4, model.config.sample_size, model.config.patch_size
@@ -91,7 +91,7 @@ def test_the_host_read_counter_sees_a_read(monkeypatch):
     # The counter itself: a step given a mask without its count must read it (once), and is seen doing so.
     model = tiny_transformer(seed=0).train()
     generator = torch.Generator().manual_seed(0)
-    mask = generate_mask("random", 2, (4, 4), 0.5, generator=generator)
+    mask = generate_mask("patch", 2, (4, 4), 0.5, generator=generator)
     with count_host_reads(monkeypatch) as reads:
         model(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.tensor([1, 2]), mask=mask)
     assert reads == ["tolist"]
@@ -108,7 +108,7 @@ def test_generated_mask_count_is_the_count_each_generator_removes(mask_type, rat
 def test_a_train_mode_forward_compiles_as_one_graph():
     # fullgraph=True fails on any graph break, which every read of a tensor value would cause.
     model = tiny_transformer(seed=0).train()
-    mask = generate_mask("random", 2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    mask = generate_mask("patch", 2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
     inputs = (torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 10]))
     expected = model(*inputs, mask=mask, num_masked=8).sample
     torch._dynamo.reset()
@@ -230,7 +230,7 @@ def test_a_cuda_training_step_never_synchronises_after_the_first():
         generator = step_generator(0, index, 0, "cuda")
         clean = torch.randn(4, 3, 8, 8, device="cuda", generator=generator)
         labels = drop_class_labels(torch.arange(4, device="cuda"), 10, 0.1, generator=generator)
-        mask = generate_mask("random", 4, (4, 4), 0.5, generator=generator, device="cuda")
+        mask = generate_mask("patch", 4, (4, 4), 0.5, generator=generator, device="cuda")
         out = scheduler.masked_training_loss(
             model,
             clean,
@@ -238,7 +238,7 @@ def test_a_cuda_training_step_never_synchronises_after_the_first():
             mask=mask,
             mae_loss_weight=0.1,
             generator=generator,
-            num_masked=generated_mask_count("random", (4, 4), 0.5),
+            num_masked=generated_mask_count("patch", (4, 4), 0.5),
         )
         out.loss.backward()
         optimizer.step()

@@ -72,7 +72,8 @@ def tiny_transformer(scale: float = 0.2, seed: int | None = None, **overrides) -
 
 
 def tiny_uvit(scale: float = 0.2, seed: int | None = None, **overrides) -> MaskedUViTTransformer2DModel:
-    """A tiny MaskDM U-ViT (two in-blocks, a mid-block, two out-blocks) with every parameter moved by a random value of size `scale`,
+    """A tiny MaskDM U-ViT (two in-blocks, a mid-block, two out-blocks) with every parameter moved by a random value
+    of size `scale`,
     so that zero biases and unit LayerNorm gains do not hide a wrong term."""
     return _perturbed(MaskedUViTTransformer2DModel(**{**TINY_UVIT, **overrides}), scale, seed)
 

@@ -39,6 +39,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .utils.io import commit_dir
+
 DIGITS_ID2LABEL = {i: str(i) for i in range(10)}
 DIGITS_SPLITS = ("train", "heldout")
 
@@ -573,11 +575,8 @@ def extract_latents(
         try:
             merged.save_to_disk(str(work_dir / "dataset"))
             del merged  # release the memory maps of the shards before deleting them
-            try:
-                os.rename(work_dir / "dataset", final_dir)
-            except OSError:
-                if not final_dir.is_dir():  # a concurrent run that finished first is fine; anything else is not
-                    raise
+            # A concurrent run that finished first is fine: its folder is kept.
+            commit_dir(work_dir / "dataset", final_dir, durable=False)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -631,7 +630,7 @@ def _write_latent_shard(loader, vae, device, xflip: bool, label_feature, path: P
             raise failures[0]
         shard.save_to_disk(str(work_dir / "dataset"))
         del shard  # release the memory map of the build files before deleting them
-        os.rename(work_dir / "dataset", path)
+        commit_dir(work_dir / "dataset", path, durable=False)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -4,15 +4,15 @@ A mask is a boolean tensor of shape ``(batch, num_tokens)`` in the row-major ord
 ``True`` marking a *removed* token. Every sample of a batch removes the same number of tokens, so the visible
 tokens gather into a dense ``(batch, num_visible, dim)`` tensor.
 
-Generators (all seeded by an optional ``torch.Generator``):
+Generators (all seeded by an optional ``torch.Generator``), by mask type:
 
-* :func:`random_mask` - uniform random patches (MaskDiT; MaskDM "patch-wise"). Removes exactly
+* ``"patch"``, :func:`random_mask` - uniform random patches (MaskDiT; MaskDM "patch-wise"). Removes exactly
   ``floor(mask_ratio * num_tokens)`` tokens.
-* :func:`block_mask` - whole ``block_size x block_size`` blocks of patches (MaskDM "block-wise"). The removed
-  count is a multiple of ``block_size**2``: ``round(mask_ratio * num_blocks)`` blocks, at least one block kept.
-* :func:`crop_mask` - one visible rectangle at a random position (MaskDM "cropping"). The rectangle is the one
-  whose area is nearest to ``num_tokens - floor(mask_ratio * num_tokens)`` (the nearest-to-square among ties),
-  so the count is exact whenever that area factors on the grid.
+* ``"block"``, :func:`block_mask` - whole ``block_size x block_size`` blocks of patches (MaskDM "block-wise"). The
+  removed count is a multiple of ``block_size**2``: ``round(mask_ratio * num_blocks)`` blocks, at least one kept.
+* ``"crop"``, :func:`crop_mask` - one visible rectangle at a random position (MaskDM "cropping"). The rectangle is
+  the one whose area is nearest to ``num_tokens - floor(mask_ratio * num_tokens)`` (the nearest-to-square among
+  ties), so the count is exact whenever that area factors on the grid.
 
 Schedules map a training step to a ratio: :class:`ConstantMaskSchedule`, :class:`CosinePowerMaskSchedule`
 (MaskDiT's cosine-ratio ``0.5 * cos(pi/2 * i/n) ** 4``), :class:`LinearMaskSchedule` and
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-MASK_TYPES = ("random", "block", "crop")
+MASK_TYPES = ("patch", "block", "crop")
 
 
 def _check_ratio(mask_ratio: float, name: str = "mask_ratio") -> float:
@@ -134,7 +134,8 @@ def block_mask(
     if grid_h % block_size or grid_w % block_size:
         raise ValueError(
             f"block_size={block_size} must divide the patch grid {grid_h}x{grid_w}; "
-            f"choose a block_size among {[b for b in range(1, min(grid_h, grid_w) + 1) if grid_h % b == 0 and grid_w % b == 0]}"
+            "choose a block_size among "
+            f"{[b for b in range(1, min(grid_h, grid_w) + 1) if grid_h % b == 0 and grid_w % b == 0]}"
         )
     blocks_h, blocks_w = grid_h // block_size, grid_w // block_size
     num_blocks = blocks_h * blocks_w
@@ -204,9 +205,10 @@ def generate_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Dispatch on ``mask_type`` (one of ``"random"``, ``"block"``, ``"crop"``)."""
+    """Dispatch on ``mask_type``: ``"patch"`` (`random_mask`), ``"block"`` (`block_mask`) or ``"crop"``
+    (`crop_mask`)."""
     grid_h, grid_w = _check_grid(grid_size)
-    if mask_type == "random":
+    if mask_type == "patch":
         return random_mask(batch_size, grid_h * grid_w, mask_ratio, generator=generator, device=device)
     if mask_type == "block":
         return block_mask(batch_size, (grid_h, grid_w), mask_ratio, block_size, generator=generator, device=device)
@@ -225,7 +227,7 @@ def generated_mask_count(
     grid_h, grid_w = _check_grid(grid_size)
     mask_ratio = _check_ratio(mask_ratio)
     num_tokens = grid_h * grid_w
-    if mask_type == "random":
+    if mask_type == "patch":
         return num_masked_tokens(num_tokens, mask_ratio)
     if mask_type == "block":
         num_blocks = (grid_h // block_size) * (grid_w // block_size)
@@ -432,7 +434,8 @@ def parse_staged_ratios(spec: str) -> StagedMaskSchedule:
             ) from None
         if start != expected_start:
             raise ValueError(
-                f"mask schedule stage {part!r} starts at {start}, expected {expected_start} (stages must follow each other from 0)"
+                f"mask schedule stage {part!r} starts at {start}, expected {expected_start} (stages must follow each "
+                "other from 0)"
             )
         if end is None and i != len(parts) - 1:
             raise ValueError(f"only the last mask schedule stage may be open-ended, got {part!r}")

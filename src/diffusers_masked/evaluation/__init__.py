@@ -1,38 +1,35 @@
-"""Sample quality: FID and Inception Score against real data (`fid`), and the offline digits harness (`digits`).
+"""Sample quality, in one direction of imports: images (`images`) -> feature spaces (`features`: Inception-v3, the
+offline digits classifier) -> FID and Inception Score against real data (`fid`) -> the digits evaluation (`digits`).
 
-Every public name of both modules is importable from here, e.g. ``from diffusers_masked.evaluation import
+Every public name of those modules is importable from here, e.g. ``from diffusers_masked.evaluation import
 compute_fid, evaluate_samples``. The sampling side of an evaluation at scale (seeded, sharded, resumable) is
 `diffusers_masked.evaluation.sampling`.
 """
 
-from .digits import (
-    DIGITS_HOLDOUT_FRACTION,
-    DigitsClassifier,
-    DigitsFeatureExtractor,
-    classification_accuracy,
-    eval_results_for_model_card,
-    evaluate_digits_samples,
-    evaluate_pipeline_on_digits,
-    get_digits_classifier,
-)
-from .fid import (
+from .digits import eval_results_for_model_card, evaluate_digits_samples, evaluate_pipeline_on_digits
+from .features import (
     DEFAULT_CACHE_DIR,
+    DIGITS_HOLDOUT_FRACTION,
     INCEPTION_WEIGHTS_FILENAME,
     INCEPTION_WEIGHTS_URL,
-    FeatureStatistics,
+    DigitsClassifier,
+    DigitsFeatureExtractor,
     InceptionFeatureExtractor,
+    classification_accuracy,
+    get_digits_classifier,
+    get_feature_extractor,
+    resolve_inception_weights,
+)
+from .fid import (
+    FeatureStatistics,
     compute_fid,
     compute_statistics,
     evaluate_samples,
     frechet_distance,
-    get_feature_extractor,
-    image_batches,
-    images_to_tensor,
     inception_score,
-    npz_image_count,
     reference_statistics,
-    resolve_inception_weights,
 )
+from .images import image_batches, images_to_tensor, npz_image_count
 
 __all__ = [
     "DEFAULT_CACHE_DIR",

@@ -1,327 +1,29 @@
 """FID and Inception Score at real scale: feature statistics of samples and of reference data, through torchmetrics.
 
 FID compares Gaussians fitted to features of real and generated images,
-``|mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2))``. The standard features are the 2048-d pool features of
-Inception-v3 in torch-fidelity's port of the TensorFlow FID weights (what ADM's evaluator and most papers use); they
-need the weights file (see `resolve_inception_weights`), which is never downloaded unless asked. Any `nn.Module`
-mapping images to ``(B, d)`` features can stand in (the offline digits classifier of `diffusers_masked.evaluation.digits`
-is one).
-
-Images are float tensors ``(B, C, H, W)`` with values in [0, 1] (uint8 is rescaled) and ``C`` 1 or 3. Large sets
-stream: a sample ``.npz`` in ADM's reference-batch layout (``arr_0``: uint8 ``(N, H, W, C)``) is read in batches
-without loading the whole array, and a folder of images file by file. Reference statistics are saved in ADM's layout
-too (``mu``, ``sigma``), plus the feature extractor's name and the image count.
+``|mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2))``, in a feature space of `diffusers_masked.evaluation.features`
+(Inception-v3 by default, the offline digits classifier for the digits). Images come through
+`diffusers_masked.evaluation.images` (tensors, a sample ``.npz`` or a folder, streamed). Reference statistics are
+saved in ADM's layout (``mu``, ``sigma``), plus the feature extractor's name and the image count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import json
 import os
-import tempfile
-import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from torch import nn
 
-# Where the digits classifier and cached reference statistics go when no cache_dir is given; DIFFUSERS_MASKED_CACHE
-# overrides it.
-DEFAULT_CACHE_DIR = Path(os.environ.get("DIFFUSERS_MASKED_CACHE", "~/.cache/diffusers_masked"))
-
-INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILENAME}"
-)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------------------
-
-
-def images_to_tensor(images: torch.Tensor | np.ndarray | Iterable[PIL.Image.Image]) -> torch.Tensor:
-    """Pipeline outputs → float32 ``(B, C, H, W)`` tensor in [0, 1], on the CPU.
-
-    Accepts a ``(B, C, H, W)`` tensor (``output_type="pt"``), a ``(B, H, W, C)`` array (``output_type="np"``,
-    values in [0, 1]) or a list of PIL images (``output_type="pil"``, mode ``"L"`` or ``"RGB"``).
-    """
-    if isinstance(images, torch.Tensor):
-        return images.detach().float().cpu()
-    if isinstance(images, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
-    arrays = []
-    for image in images:
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        arrays.append(array[..., None] if array.ndim == 2 else array)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
-    """Validate a ``(B, C, H, W)`` batch and return it as float32 in [0, 1] (uint8 is rescaled)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name} must be a (batch, 1 or 3, height, width) tensor, got {shape}")
-    if images.dtype == torch.uint8:
-        return images.float() / 255.0
-    images = images.float()
-    low, high = float(images.min()), float(images.max())
-    if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(
-            f"{name} must have values in [0, 1] (got [{low:.3f}, {high:.3f}]); map [-1, 1] images with (x + 1) / 2"
-        )
-    return images.clamp(0, 1)
-
-
-def _npz_uint8_batches(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
-    """Batches of the uint8 array `key` of an ``.npz`` (compressed or not), read without loading all of it."""
-    with zipfile.ZipFile(path) as archive:
-        member = f"{key}.npy"
-        if member not in archive.namelist():
-            keys = sorted(n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy"))
-            raise ValueError(f"{path} has no {key!r} array (it has {keys})")
-        with archive.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = read_header(f)
-            if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
-                raise ValueError(
-                    f"{path}[{key!r}] must be uint8 images (N, H, W, 1 or 3) as ADM's reference batches are, got "
-                    f"{dtype} {shape}"
-                )
-            per_image = int(np.prod(shape[1:]))
-            for start in range(0, shape[0], batch_size):
-                count = min(batch_size, shape[0] - start)
-                yield np.frombuffer(f.read(count * per_image), dtype=np.uint8).reshape(count, *shape[1:])
-
-
-def npz_image_count(path: str | os.PathLike, key: str = "arr_0") -> int:
-    """The number of images in ``path[key]`` (read from the array header only)."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return int(read_header(f)[0][0])
-
-
-def _image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def _load_image(path: Path, resolution: int | None, num_channels: int | None) -> np.ndarray:
-    """One image file as uint8 ``(H, W, C)``; center-cropped and resized to ``resolution`` when given."""
-    if resolution is not None:
-        from ..data import ImageTransform
-
-        image = PIL.Image.open(path)
-        channels = num_channels or (1 if image.mode in ("L", "I", "I;16", "1") else 3)
-        # ImageTransform is the crop of the training data; its [-1, 1] floats map back to the exact uint8 values.
-        array = ImageTransform(resolution, num_channels=channels)(image).permute(1, 2, 0).numpy()
-        return np.round((array + 1) * 127.5).astype(np.uint8)
-    with PIL.Image.open(path) as image:
-        if num_channels == 1 or (num_channels is None and image.mode in ("L", "1")):
-            array = np.asarray(image.convert("L"))[..., None]
-        else:
-            array = np.asarray(image.convert("RGB"))
-    return array
-
-
-def image_batches(
-    source: str | os.PathLike | torch.Tensor | Iterable[torch.Tensor],
-    batch_size: int = 250,
-    resolution: int | None = None,
-    num_channels: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """Stream images as float ``(B, C, H, W)`` batches in [0, 1].
-
-    Args:
-        source: an ``.npz`` whose ``arr_0`` holds uint8 ``(N, H, W, C)`` images (ADM's reference-batch layout, what
-            ``examples/sample.py`` writes), a folder of image files (read in sorted order, recursively), a
-            ``(N, C, H, W)`` tensor, or an iterable of such tensors.
-        batch_size (`int`, defaults to 250): images per batch (for files and tensors).
-        resolution (`int`, *optional*): folders only: resize the shorter side to this and crop the centre, as the
-            training data is prepared; without it every image must already have the same size.
-        num_channels (`int`, *optional*): folders only: 1 (gray) or 3 (RGB); defaults to each file's own.
-    """
-    if isinstance(source, torch.Tensor):
-        for chunk in source.split(batch_size):
-            yield _check_images(chunk, "images")
-        return
-    if not isinstance(source, (str, os.PathLike)):
-        for chunk in source:
-            yield _check_images(chunk, "images")
-        return
-    path = Path(source)
-    if path.is_file() and path.suffix == ".npz":
-        for batch in _npz_uint8_batches(path, "arr_0", batch_size):
-            yield torch.from_numpy(batch.copy()).permute(0, 3, 1, 2).float().div_(255.0)
-        return
-    if path.is_dir():
-        files = _image_files(path)
-        for start in range(0, len(files), batch_size):
-            arrays = [_load_image(f, resolution, num_channels) for f in files[start : start + batch_size]]
-            if len({a.shape for a in arrays}) > 1:
-                raise ValueError(
-                    f"the images in {path} differ in size or channels ({sorted({a.shape for a in arrays})}); pass "
-                    "resolution= (command line: --resolution) to crop and resize them"
-                )
-            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return
-    raise ValueError(f"{str(source)!r} is neither an .npz file nor a folder of images")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Feature extractors
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _torch_fidelity_available() -> bool:
-    return importlib.util.find_spec("torch_fidelity") is not None
-
-
-def resolve_inception_weights(
-    inception_weights_path: str | os.PathLike | None = None, allow_download: bool = False
-) -> str | None:
-    """Where the FID Inception-v3 weights are, without touching the network.
-
-    Returns the local file to load: ``inception_weights_path`` if given, else torch-fidelity's file in the
-    torch hub cache (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``) if present, else
-    `None` when ``allow_download`` (torch-fidelity then downloads it into that cache).
-
-    Raises:
-        ImportError: torch-fidelity (which holds the Inception network) is not installed.
-        FileNotFoundError: the weights are not available locally and ``allow_download`` is `False`; the message
-            says where to put them.
-    """
-    if not _torch_fidelity_available():
-        raise ImportError(
-            'feature_extractor="inception" needs torch-fidelity: `pip install torch-fidelity` (or '
-            '`pip install "torchmetrics[image]"`). Offline, use feature_extractor="digits".'
-        )
-    if inception_weights_path is not None:
-        if not Path(inception_weights_path).is_file():
-            raise FileNotFoundError(f"inception_weights_path {str(inception_weights_path)!r} is not a file")
-        return str(inception_weights_path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
-    if cached.is_file():
-        return str(cached)
-    if allow_download:
-        return None
-    raise FileNotFoundError(
-        f"The FID Inception-v3 weights are not available offline: {cached} does not exist. Either download "
-        f"{INCEPTION_WEIGHTS_URL} to that path (or anywhere, and pass inception_weights_path=..., on the command "
-        "line --inception_weights), or pass allow_download=True (on the command line --allow_download) to let "
-        'torch-fidelity fetch it. Offline, use feature_extractor="digits".'
-    )
-
-
-class InceptionFeatureExtractor(nn.Module):
-    """The standard FID features: torchmetrics' Inception-v3 (torch-fidelity's port of the TF FID weights).
-
-    Input: float ``(B, 1|3, H, W)`` in [0, 1] (gray is repeated to RGB), quantised to uint8 and resized to
-    299×299 with torch-fidelity's TensorFlow-1 compatible bilinear resize. `forward` returns the ``(B, 2048)`` pool
-    features; `features_and_logits` also returns the ``(B, 1008)`` logits the Inception Score reads.
-
-    Args:
-        weights_path (`str`, *optional*): the local weights file (see `resolve_inception_weights`); `None` lets
-            torch-fidelity download it.
-    """
-
-    num_features = 2048
-    name = "inception-v3-compat-2048"
-
-    def __init__(self, weights_path: str | None = None):
-        super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.inception = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048", "logits_unbiased"],
-            feature_extractor_weights_path=weights_path,
-            antialias=False,
-        )
-
-    def train(self, mode: bool = True) -> InceptionFeatureExtractor:
-        return super().train(False)  # a fixed feature space: never in training mode
-
-    @torch.no_grad()
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        uint8 = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
-        # torchmetrics' forward returns only the first of the requested outputs; this gives both from one pass.
-        features, logits = self.inception._torch_fidelity_forward(uint8)
-        return features.reshape(len(images), -1), logits
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(images)[0]
-
-
-def get_feature_extractor(
-    feature_extractor: str | nn.Module = "inception",
-    resolution: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    inception_weights_path: str | os.PathLike | None = None,
-    allow_download: bool = False,
-) -> nn.Module:
-    """The feature extractor a name stands for; a module is returned as it is.
-
-    Args:
-        feature_extractor (`str` or `nn.Module`, defaults to ``"inception"``): ``"inception"`` (an
-            `InceptionFeatureExtractor`, weights from `resolve_inception_weights`), ``"digits"`` (the offline
-            `DigitsFeatureExtractor` at ``resolution``) or a module mapping float ``(B, C, H, W)`` images in [0, 1]
-            to ``(B, d)`` features.
-        resolution (`int`, *optional*): the images' side, for ``"digits"``.
-        cache_dir, inception_weights_path, allow_download: see `get_digits_classifier` and
-            `resolve_inception_weights`.
-    """
-    if isinstance(feature_extractor, nn.Module):
-        return feature_extractor
-    if feature_extractor == "inception":
-        return InceptionFeatureExtractor(resolve_inception_weights(inception_weights_path, allow_download))
-    if feature_extractor == "digits":
-        from .digits import DigitsFeatureExtractor, get_digits_classifier
-
-        if resolution is None:
-            raise ValueError('feature_extractor="digits" needs the images\' resolution')
-        extractor = DigitsFeatureExtractor(get_digits_classifier(resolution=resolution, cache_dir=cache_dir))
-        extractor.name = f"digits-classifier-v{_digits_version()}-r{resolution}-s0"
-        return extractor
-    raise ValueError(f'feature_extractor must be "digits", "inception" or an nn.Module, got {feature_extractor!r}')
-
-
-def _digits_version() -> int:
-    from .digits import _CLASSIFIER_VERSION
-
-    return _CLASSIFIER_VERSION
-
-
-def _extractor_name(extractor: nn.Module) -> str | None:
-    """The name recorded with statistics (and keying their cache); `None` for a module of the caller's."""
-    return getattr(extractor, "name", None)
-
-
-def _single_threaded(extractor: nn.Module):
-    from .digits import DigitsFeatureExtractor, _one_cpu_thread
-
-    device = next(extractor.parameters(), torch.empty(0)).device
-    return _one_cpu_thread(device) if isinstance(extractor, DigitsFeatureExtractor) else contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Statistics, Fréchet distance, Inception Score
-# ---------------------------------------------------------------------------------------------------------
+from ..utils.io import atomic_write
+from .features import DEFAULT_CACHE_DIR, _extractor_name, _single_threaded, get_feature_extractor
+from .images import _check_images, _image_files, image_batches
 
 
 @dataclass
@@ -351,19 +53,10 @@ class FeatureStatistics:
     def save(self, path: str | os.PathLike) -> None:
         """Write ADM's statistics layout (``mu``, ``sigma``) plus ``num_images`` and ``feature_extractor``,
         atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            extra = {} if self.num_images is None else {"num_images": np.int64(self.num_images)}
-            if self.feature_extractor is not None:
-                extra["feature_extractor"] = np.str_(self.feature_extractor)
-            np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        extra = {} if self.num_images is None else {"num_images": np.int64(self.num_images)}
+        if self.feature_extractor is not None:
+            extra["feature_extractor"] = np.str_(self.feature_extractor)
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra), suffix=".npz")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStatistics:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
+
+from ..utils.io import atomic_write
 
 CONFIG_NAME = "sampling_config.json"
 OUTPUT_FORMATS = ("npz", "png", "both")
@@ -155,7 +155,7 @@ def check_resume(output_dir: str | os.PathLike, config: dict) -> str | None:
 def write_config(output_dir: str | os.PathLike, config: dict) -> None:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(output_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(output_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def shard_path(output_dir: str | os.PathLike, shard: int) -> Path:
@@ -174,18 +174,6 @@ def pending_shards(output_dir: str | os.PathLike, num_samples: int, shard_size: 
                     continue
         pending.append(k)
     return pending
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any], suffix: str = "") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -242,7 +230,7 @@ def sample_shard(
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in zip(indices, images):
             image = image[..., 0] if image.shape[-1] == 1 else image
-            _atomic_write(
+            atomic_write(
                 folder / f"{i:06d}.png", lambda tmp, im=image: PIL.Image.fromarray(im).save(tmp, "PNG"), ".png"
             )
     record = {
@@ -251,7 +239,7 @@ def sample_shard(
     }
     if output_format in ("npz", "both"):
         record["images"] = images
-    _atomic_write(shard_path(output_dir, shard), lambda tmp: np.savez(tmp, **record), ".npz")
+    atomic_write(shard_path(output_dir, shard), lambda tmp: np.savez(tmp, **record), ".npz")
 
 
 def assemble_npz(output_dir: str | os.PathLike, num_samples: int, shard_size: int) -> Path:
@@ -271,7 +259,7 @@ def assemble_npz(output_dir: str | os.PathLike, num_samples: int, shard_size: in
     labels = np.concatenate(labels)
     path = Path(output_dir) / f"samples_{'x'.join(str(n) for n in images.shape)}.npz"
     arrays = {"arr_0": images} if len(labels) == 0 else {"arr_0": images, "arr_1": labels}
-    _atomic_write(path, lambda tmp: np.savez(tmp, **arrays), ".npz")
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), ".npz")
     for stale in Path(output_dir).glob("samples_*.npz"):
         if stale != path:
             stale.unlink()  # of an earlier run of this folder with fewer samples

@@ -10,17 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import AttentionModuleMixin, FeedForward
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
 from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
-from .modeling_utils import StrictLoadingMixin, check_positive_ints
+from .attention import AdaLNProjection, AdaLNZeroBlock, gather_tokens, scatter_tokens
+from .modeling_utils import MaskedTransformerMixin, check_positive_ints
 
 # ModelMixin is imported above for folders saved by diffusers-masked 0.1: they name this module as their transformer's
 # library, and diffusers looks the loadable base classes up in that module's namespace.
@@ -59,159 +57,7 @@ def sincos_positions(embed_dim: int, grid_h: int, grid_w: int, device=None) -> t
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid.reshape(2, -1)).float()
 
 
-class FusedQKVAttnProcessor:
-    """The attention of [`SelfAttention`], through diffusers' attention dispatcher: the backend is the one chosen with
-    `model.set_attention_backend(...)` (stored on the processor as diffusers' processors store it), else diffusers'
-    active default (torch's `scaled_dot_product_attention`, or `DIFFUSERS_ATTN_BACKEND`)."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __call__(self, attn: SelfAttention, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape  # [B, L, D]
-        qkv = attn.to_qkv(hidden_states).view(batch, length, 3, attn.num_heads, attn.head_dim)
-        # The dispatcher takes [B, L, H, d], which is what unbinding the fused projection gives, with no copy; in
-        # backward autograd stacks the three gradients straight into qkv's [B, L, 3, H, d] layout.
-        query, key, value = qkv.unbind(2)  # each [B, L, H, d]
-        out = dispatch_attention_fn(
-            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
-        )  # [B, L, H, d]
-        return attn.to_out(out.reshape(batch, length, -1))
-
-
-class SelfAttention(nn.Module, AttentionModuleMixin):
-    """Multi-head self-attention with one fused query-key-value projection (the layout of DiT's and MaskDiT's own
-    code), computed by diffusers' attention dispatcher (see [`FusedQKVAttnProcessor`]), so that
-    `model.set_attention_backend("flash")` and diffusers' other backends apply to it.
-
-    One ``dim -> 3 * dim`` matrix multiply instead of three ``dim -> dim`` ones means fewer, larger operations, and
-    official checkpoints load without splitting ``qkv``. The projection is fused already, so diffusers'
-    `fuse_qkv_projections` has nothing to do here.
-
-    ``bias=False`` drops the query-key-value bias (U-ViT's and MaskDM's layout); the output projection keeps its own."""
-
-    _default_processor_cls = FusedQKVAttnProcessor
-    _available_processors = [FusedQKVAttnProcessor]
-    _supports_qkv_fusion = False
-    fused_projections = True
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=bias)
-        self.to_out = nn.Linear(num_heads * head_dim, dim)
-        self.set_processor(FusedQKVAttnProcessor())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.processor(self, x)
-
-
-class AdaLNZeroBlock(nn.Module):
-    """A DiT block: self-attention and MLP, each behind a LayerNorm modulated (shift, scale) by the
-    conditioning vector and followed by a gate; the modulation starts at zero so the block starts as identity.
-
-    The conditioning embedding is computed once per model and shared by all blocks."""
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int, cond_dim: int, mlp_ratio: float, norm_eps: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.attn1 = SelfAttention(dim, num_heads, head_dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate", bias=True)
-        self.modulation = nn.Linear(cond_dim, 6 * dim)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, D], cond: [B, cond_dim]
-        # addcmul fuses each multiply-add into one pass over the tokens (one intermediate fewer, in and backward).
-        mod = self.modulation(F.silu(cond))[:, None].chunk(6, dim=2)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
-        x = torch.addcmul(x, gate_msa, self.attn1(h))
-        h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)
-        return torch.addcmul(x, gate_mlp, self.ff(h))
-
-
-class AdaLNProjection(nn.Module):
-    """LayerNorm (no affine), modulated by a shift and scale from the conditioning vector, then a linear map.
-
-    MaskDiT uses it twice: as the *decoder layer* that takes the encoder's tokens into the decoder's width, and as
-    the *final layer* that maps tokens to ``patch_size**2 * out_channels`` values. Both start at zero (modulation
-    and projection), as in the paper."""
-
-    def __init__(self, dim: int, cond_dim: int, out_features: int, norm_eps: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
-        self.modulation = nn.Linear(cond_dim, 2 * dim)
-        self.proj = nn.Linear(dim, out_features)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, D], cond: [B, cond_dim]
-        shift, scale = self.modulation(F.silu(cond))[:, None].chunk(2, dim=2)
-        return self.proj(torch.addcmul(shift, self.norm(x), 1 + scale))
-
-
-def check_transformer_inputs(
-    hidden_states,
-    timestep,
-    class_labels,
-    in_channels: int,
-    patch_size: int,
-    num_classes: int,
-    check_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate a masked transformer's `forward` inputs; return the timestep as a `(batch,)` tensor and the labels
-    as `long` ids (or `None` for an unconditional model, `num_classes=0`).
-
-    Shapes and dtypes are always checked (they cost nothing). The labels' range is checked only with
-    `check_values`: reading values makes the host wait for the device, which a training step must not do at every
-    forward (and which breaks `torch.compile` graphs)."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
-        raise ValueError(
-            f"hidden_states must be a (batch, channels, height, width) tensor, got "
-            f"{tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)}"
-        )
-    batch, channels, height, width = hidden_states.shape
-    if batch == 0:
-        raise ValueError("hidden_states must hold at least one sample")
-    if channels != in_channels:
-        raise ValueError(f"hidden_states must have in_channels={in_channels} channels, got {channels}")
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"hidden_states height and width ({height}x{width}) must be divisible by patch_size={patch_size}"
-        )
-
-    timestep = torch.as_tensor(timestep, device=hidden_states.device)
-    if timestep.ndim == 0:
-        timestep = timestep.expand(batch)
-    if timestep.shape != (batch,):
-        raise ValueError(f"timestep must be a scalar or a ({batch},) tensor, got shape {tuple(timestep.shape)}")
-
-    if num_classes == 0:
-        if class_labels is not None:
-            raise ValueError("class_labels were given to an unconditional model (num_classes=0)")
-    else:
-        if class_labels is None:
-            raise ValueError(
-                f"class_labels are required by this class-conditional model; use id {num_classes} "
-                "for the null (unconditional) class"
-            )
-        class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
-        if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-            raise TypeError(f"class_labels must be integer ids, got dtype {class_labels.dtype}")
-        if class_labels.shape != (batch,):
-            raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
-        if check_values:
-            low, high = torch.stack(torch.aminmax(class_labels.long())).tolist()
-            if low < 0 or high > num_classes:
-                raise ValueError(
-                    f"class_labels must be in [0, {num_classes}] ({num_classes} = null class), got values in [{low}, {high}]"
-                )
-        class_labels = class_labels.long()
-    return timestep, class_labels
-
-
-class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
+class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
     r"""
     The MaskDiT transformer: a DiT encoder that sees only the visible tokens and a light decoder over all tokens.
 
@@ -369,15 +215,15 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
 
             MaskedDiTTransformer2DModel.from_preset("S/2", decoder_num_layers=2, decoder_attention_head_dim=16)
         """
-        cls._check_preset(name)
-        return cls(**{**cls.preset_config(name), **overrides})
+        return super().from_preset(name, **overrides)
 
     @staticmethod
     def _check_preset(name: str):
         size, _, patch = str(name).partition("/")
         if size not in DIT_ENCODER_SIZES or not patch.isdigit():
             raise ValueError(
-                f"preset name must be '<size>/<patch>' with size in {list(DIT_ENCODER_SIZES)}, e.g. 'XL/2'; got {name!r}"
+                f"preset name must be '<size>/<patch>' with size in {list(DIT_ENCODER_SIZES)}, e.g. 'XL/2'; "
+                f"got {name!r}"
             )
 
     @classmethod
@@ -394,27 +240,11 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
             **MASKDIT_DECODER,
         }
 
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
     def _conditioning(self, timestep: torch.Tensor, class_labels: torch.Tensor | None, dtype) -> torch.Tensor:
         cond = self.timestep_embedder(self.time_proj(timestep).to(dtype))
         if self.class_embedder is not None:
             cond = cond + self.class_embedder(class_labels)
         return cond  # [B, D]
-
-    def _check_inputs(self, hidden_states, timestep, class_labels):
-        config = self.config
-        return check_transformer_inputs(
-            hidden_states,
-            timestep,
-            class_labels,
-            config.in_channels,
-            config.patch_size,
-            config.num_classes,
-            check_values=not self.training,
-        )
 
     def _positions(self, buffer: torch.Tensor, dim: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
         if buffer.shape[0] == grid_h * grid_w and grid_h == grid_w:
@@ -423,10 +253,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         for block in blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, cond)
-            else:
-                x = block(x, cond)
+            x = self._run_block(block, x, cond)
         return x
 
     def forward(
@@ -483,15 +310,15 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         x = x + self._positions(self.pos_embed, self.inner_dim, grid_h, grid_w, device).to(x.dtype)
         if num_removed:
             ids_keep = visible_token_ids(mask, num_visible)  # [B, N_vis]
-            x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, N_vis, D]
+            x = gather_tokens(x, ids_keep)  # [B, N_vis, D]
         x = self._run_blocks(self.transformer_blocks, x, cond)
 
         if self.decoder_layer is not None:
             # Decoder: visible tokens at their places, the shared mask token everywhere else.
             x = self.decoder_layer(x, cond)  # [B, N_vis, D_dec]
             if num_removed:
-                full = self.mask_token.to(x.dtype).expand(batch, num_tokens, -1).clone()  # [B, N, D_dec]
-                x = full.scatter(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]), x)
+                full = self.mask_token.to(x.dtype).expand(batch, num_tokens, -1)  # [B, N, D_dec]
+                x = scatter_tokens(full, ids_keep, x)
             elif self.training and torch.is_grad_enabled():
                 # Without removed tokens the mask token is idle; a zero-weight term keeps it in the graph (as the
                 # official code does), so that DDP need not search for unused parameters at every step.
@@ -502,8 +329,7 @@ class MaskedDiTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         else:
             tokens = self.final_layer(x, cond)  # [B, N_vis, p*p*C_out]
             if num_removed:
-                full = tokens.new_zeros(batch, num_tokens, tokens.shape[-1])
-                tokens = full.scatter(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
+                tokens = scatter_tokens(tokens.new_zeros(batch, num_tokens, tokens.shape[-1]), ids_keep, tokens)
 
         sample = unpatchify(tokens, patch, height, width)
         if not return_dict:

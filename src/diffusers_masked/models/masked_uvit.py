@@ -17,8 +17,9 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
-from .masked_dit import MaskedDiTTransformer2DModelOutput, SelfAttention, check_transformer_inputs
-from .modeling_utils import StrictLoadingMixin, check_positive_ints
+from .attention import SelfAttention, gather_tokens, scatter_tokens
+from .masked_dit import MaskedDiTTransformer2DModelOutput
+from .modeling_utils import MaskedTransformerMixin, check_positive_ints
 
 # MaskDM's sizes (its configs: width 512, 8 heads at 64 px; 768, 12 heads at 256 px; patch 4). Both have 13 blocks:
 # the official `encoder_depth` (13 for S, 12 for B) builds depth // 2 in-blocks, a mid-block and depth // 2 out-blocks.
@@ -76,7 +77,7 @@ def _check_sample_size(sample_size) -> tuple[int, int]:
     return int(sample_size[0]), int(sample_size[1])
 
 
-class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
+class MaskedUViTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
     r"""
     The MaskDM transformer: a U-ViT over [label, time, patch] tokens with long skips, which given a token mask
     computes only the visible patch tokens.
@@ -191,7 +192,7 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
 
             MaskedUViTTransformer2DModel.from_preset("MaskDM-B", sample_size=128, num_classes=1000)
         """
-        return cls(**{**cls.preset_config(name), **overrides})
+        return super().from_preset(name, **overrides)
 
     @classmethod
     def preset_config(cls, name: str) -> dict:
@@ -199,15 +200,6 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         if name not in MASKDM_SIZES:
             raise ValueError(f"preset name must be one of {list(MASKDM_SIZES)}, got {name!r}")
         return {**MASKDM_SIZES[name], "patch_size": MASKDM_PATCH_SIZE}
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    def _run_block(self, block: UViTBlock, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, x, skip)
-        return block(x, skip)
 
     def forward(
         self,
@@ -236,15 +228,7 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
                 [`MaskedDiTTransformer2DModel.forward`], with it a train-mode forward reads no tensor values.
         """
         config = self.config
-        timestep, class_labels = check_transformer_inputs(
-            hidden_states,
-            timestep,
-            class_labels,
-            config.in_channels,
-            config.patch_size,
-            config.num_classes,
-            check_values=not self.training,
-        )
+        timestep, class_labels = self._check_inputs(hidden_states, timestep, class_labels)
         batch, _, height, width = hidden_states.shape
         patch = config.patch_size
         if (height // patch, width // patch) != self.grid_size:
@@ -273,8 +257,7 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
         if num_removed:
             # Positions are added before dropping, so each visible token keeps its place; extra tokens always stay.
             ids_keep = visible_token_ids(mask, num_visible)  # [B, N_vis]
-            visible = torch.gather(x[:, extras:], 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-            x = torch.cat([x[:, :extras], visible], dim=1)  # [B, E + N_vis, D]
+            x = torch.cat([x[:, :extras], gather_tokens(x[:, extras:], ids_keep)], dim=1)  # [B, E + N_vis, D]
 
         skips = []
         for block in self.in_blocks:
@@ -286,8 +269,7 @@ class MaskedUViTTransformer2DModel(StrictLoadingMixin, ConfigMixin):
 
         out = self.proj_out(self.norm_out(x[:, extras:]))  # [B, N_vis, p*p*C_out]
         if num_removed:
-            full = out.new_zeros(batch, num_tokens, out.shape[-1])
-            out = full.scatter(1, ids_keep[..., None].expand(-1, -1, out.shape[-1]), out)
+            out = scatter_tokens(out.new_zeros(batch, num_tokens, out.shape[-1]), ids_keep, out)
         sample = unpatchify(out, patch, height, width)
         if not return_dict:
             return (sample, mask)

@@ -1,4 +1,5 @@
-"""MaskDiTPipeline: sampling from a MaskDiT transformer, class-conditional with classifier-free guidance or unconditional."""
+"""MaskDiTPipeline: sampling from a MaskDiT transformer, class-conditional with classifier-free guidance or
+unconditional."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""MaskDMPipeline: pixel-space sampling from a MaskDM U-ViT (or any masked transformer) with a DDPM-family scheduler."""
+"""MaskDMPipeline: pixel-space sampling from a MaskDM U-ViT (or any masked transformer) with a DDPM-family
+scheduler."""
 
 from __future__ import annotations
 

@@ -295,7 +295,8 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}", trust_remote_code=True)\n'
             f"{self._usage_example()}\n```\n\n"
             "The repo holds no model code: its `.py` files are one-line imports from the installed `diffusers_masked` "
-            "package, which `trust_remote_code=True` lets diffusers import. That flag runs whatever code a repo holds, "
+            "package, which `trust_remote_code=True` lets diffusers import. That flag runs whatever code a repo "
+            "holds, "
             "so for a copy you do not trust, load with "
             f"`diffusers_masked.{self.__class__.__name__}.from_pretrained(...)` instead: without the flag it checks "
             "that those imports are all the code there is, and refuses anything else.\n"

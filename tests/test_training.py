@@ -1,4 +1,4 @@
-"""diffusers_masked.training_utils: the machinery the training scripts share, tested piece by piece in this process.
+"""diffusers_masked.training: the machinery the training scripts share, tested piece by piece in this process.
 
 The scripts' end-to-end runs (kill -9 and resume, DDP, FSDP2) are in test_train_maskdit.py.
 """
@@ -15,27 +15,21 @@ import pytest
 import torch
 
 from diffusers_masked.masking import ConstantMaskSchedule
-from diffusers_masked.training_utils import (
-    LOCK_FILE,
+from diffusers_masked.training.arguments import finite_float, int_at_least, resolve_model_config
+from diffusers_masked.training.batches import StepBatchSampler
+from diffusers_masked.training.checkpoints import (
     TRAINING_STATE_FILE,
-    StepBatchSampler,
-    build_phases,
-    check_dcp_metadata,
-    check_labels,
-    check_lineage,
     check_model_config,
-    configure_cpu_threads,
-    ema_weights,
-    finite_float,
-    int_at_least,
-    learning_rate_at,
     list_checkpoints,
-    load_checkpoint,
-    lock_output_dir,
-    publish_pipeline,
-    resolve_model_config,
+    restore_checkpoint,
     save_checkpoint,
 )
+from diffusers_masked.training.data import check_labels
+from diffusers_masked.training.distributed import configure_cpu_threads
+from diffusers_masked.training.ema import ema_weights
+from diffusers_masked.training.phases import build_phases, learning_rate_at
+from diffusers_masked.training.run import LOCK_FILE, check_lineage, lock_output_dir, publish_pipeline
+from diffusers_masked.utils.safe_loading import check_dcp_metadata
 
 
 def test_step_batch_sampler_is_a_function_of_the_batch_index():
@@ -187,10 +181,11 @@ def test_resume_restores_model_optimizer_and_ema(trained):
         ]:
             tensor.add_(1.0)
     ema.optimization_step = 99
-    state = load_checkpoint(accelerator, checkpoint, ema)
+    state = restore_checkpoint(accelerator, checkpoint, ema)
     assert state["global_step"] == 1 and state["run_id"] == "run-a"
+    moments = (optimizer.state[p]["exp_avg"] for p in model.parameters())
     for tensors, expected in ((model.parameters(), saved_weights), (ema.shadow_params, saved_shadow),
-                              ((optimizer.state[p]["exp_avg"] for p in model.parameters()), saved_moments)):  # fmt: skip
+                              (moments, saved_moments)):  # fmt: skip
         for tensor, value in zip(tensors, expected):
             assert torch.equal(tensor, value)
     assert ema.optimization_step == 1
@@ -210,7 +205,7 @@ def test_a_code_running_pickle_in_place_of_any_checkpoint_file_is_refused_withou
     target.touch()  # the custom_checkpoint files are planted beside the real ones
     _plant(target, marker, as_torch_archive)
     with pytest.raises(ValueError, match=name):
-        load_checkpoint(accelerator, checkpoint, ema)
+        restore_checkpoint(accelerator, checkpoint, ema)
     assert not marker.exists()
 
 
@@ -240,7 +235,7 @@ def test_a_damaged_checkpoint_file_is_reported_with_its_path(trained, name, dama
     else:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=str(path)):
-        load_checkpoint(accelerator, checkpoint, ema)
+        restore_checkpoint(accelerator, checkpoint, ema)
 
 
 def test_pruning_keeps_the_checkpoints_of_another_run(trained):
