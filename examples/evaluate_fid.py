@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from diffusers_masked.evaluation import evaluate_samples, reference_statistics
+from diffusers_masked.utils.safe_loading import check_path_or_hub_id, no_such_path
 
 
 def parse_args(argv=None):
@@ -70,7 +71,8 @@ def validate_args(args) -> None:
     for flag in ("samples", "reference"):
         value = getattr(args, flag)
         if value is not None and not Path(value).exists():
-            raise ValueError(f"--{flag} {value!r} does not exist")
+            raise ValueError(no_such_path(value, f"--{flag}"))
+    check_path_or_hub_id(args.reference_dataset, "--reference_dataset")
     if args.samples is None and args.reference_dataset is not None and args.resolution is None:
         raise ValueError("--reference_dataset without --samples needs --resolution (the side to prepare images at)")
     if args.resolution is not None and args.resolution < 1:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from diffusers_masked.evaluation import evaluate_pipeline_on_digits
+from diffusers_masked.utils.safe_loading import check_path_or_hub_id
 
 
 def parse_args(argv=None):
@@ -75,6 +76,7 @@ def format_table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_path_or_hub_id(args.pipeline_dir, "--pipeline_dir")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pipeline = load_pipeline(args.pipeline_dir).to(args.device)
     pipeline.set_progress_bar_config(disable=True)

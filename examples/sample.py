@@ -20,6 +20,7 @@ import logging
 import math
 
 from diffusers_masked.evaluation import sampling
+from diffusers_masked.utils.safe_loading import check_path_or_hub_id
 
 logger = logging.getLogger("sample")
 
@@ -49,7 +50,8 @@ def parse_args(argv=None):
         "--scheduler",
         choices=sorted(sampling.SCHEDULERS),
         default=None,
-        help="Swap the saved scheduler (EDM ones for MaskDiT, DDPM-family ones for MaskDM); default: the saved one.",
+        help="Swap the saved scheduler for one of the pipeline's parameterisation (edm_* for MaskDiT, ddim, ddpm or "
+        "dpmsolver for MaskDM); default: the saved one.",
     )
     parser.add_argument("--output_format", choices=sampling.OUTPUT_FORMATS, default="npz")
     parser.add_argument(
@@ -83,12 +85,11 @@ def validate_args(args) -> None:
             raise ValueError(
                 f"--class_labels must be comma-separated integer ids, got {args.class_labels!r}"
             ) from None
+    check_path_or_hub_id(args.pipeline, "--pipeline")
 
 
 def validate_for_pipeline(args, pipeline) -> dict:
     """Check the flags that depend on the pipeline; return the keyword arguments of its calls."""
-    from diffusers_masked import MaskDiTPipeline, MaskDMPipeline
-
     num_classes = sampling.pipeline_num_classes(pipeline)
     if args.class_labels is not None:
         if num_classes == 0:
@@ -98,14 +99,12 @@ def validate_for_pipeline(args, pipeline) -> dict:
             raise ValueError(f"--class_labels must be ids in [0, {num_classes}), got {wrong}")
     if num_classes == 0 and args.guidance_scale not in (None, 1.0):
         raise ValueError("--guidance_scale applies to class-conditional pipelines only; this one is unconditional")
-    families = {
-        MaskDiTPipeline: ("edm_heun", "edm_euler", "edm_dpmsolver"),
-        MaskDMPipeline: ("ddim", "ddpm", "dpmsolver"),
-    }
-    for cls, allowed in families.items():
-        if isinstance(pipeline, cls) and args.scheduler is not None and args.scheduler not in allowed:
+    if args.scheduler is not None:
+        # The pipeline's own check (MaskedDiffusionPipeline.check_scheduler), asked before anything is swapped.
+        allowed = sampling.compatible_scheduler_names(pipeline)
+        if args.scheduler not in allowed:
             raise ValueError(
-                f"--scheduler for a {cls.__name__} must be one of {list(allowed)}, got {args.scheduler!r}"
+                f"--scheduler for a {type(pipeline).__name__} must be one of {allowed}, got {args.scheduler!r}"
             )
     parameters = inspect.signature(pipeline.__call__).parameters
     if args.eta is not None and "eta" not in parameters:

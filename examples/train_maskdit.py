@@ -35,7 +35,7 @@ from diffusers_masked.training.batches import check_batch_sizes
 from diffusers_masked.training.data import load_training_data
 from diffusers_masked.training.distributed import end_training, exit_process, setup_accelerator
 from diffusers_masked.training.loop import periodic_saves, train_phases
-from diffusers_masked.training.models import configure_model, load_start_model, prepare_training, start_model_config
+from diffusers_masked.training.models import build_model, configure_model, model_num_classes, prepare_training
 from diffusers_masked.training.phases import UNMASK_SCHEDULES, build_phases
 from diffusers_masked.training.recipes import add_recipe_argument, parse_args_with_recipe
 from diffusers_masked.training.run import finish_run, record_run, resume_run, start_run, start_trackers
@@ -52,6 +52,11 @@ def parse_args(argv=None):
         parser, presets="'S/2', 'B/2', 'L/2', 'XL/2'", blocks="the encoder and decoder blocks"
     )
     arguments.add_masking_arguments(parser, mask_ratio=0.5, mask_type="patch")
+    parser.add_argument(
+        "--paper_decoder",
+        action="store_true",
+        help="With a preset: MaskDiT's 8x512 decoder instead of the preset's own (sized to XL/2's FLOP share).",
+    )
     group = parser.add_argument_group("MaskDiT objective")
     group.add_argument("--mae_loss_weight", type=finite_float(0), default=0.1, help="lambda of the MAE term.")
     group.add_argument(
@@ -93,6 +98,11 @@ def parse_args(argv=None):
     if args.max_train_steps + args.unmask_tuning_steps == 0:
         parser.error("nothing to train: --max_train_steps and --unmask_tuning_steps are both 0")
     arguments.resolve_schedule_and_model_config(parser, args, MaskedDiTTransformer2DModel)
+    if args.paper_decoder and args.model_config_resolved is not None:
+        try:
+            args.model_config_resolved.update(MaskedDiTTransformer2DModel.preset_config(args.model_config, True))
+        except ValueError:
+            parser.error(f"--paper_decoder applies to a preset --model_config, got {args.model_config}")
     if args.unmask_learning_rate is None:
         args.unmask_learning_rate = args.learning_rate
     if args.unmask_batch_size is None:
@@ -129,21 +139,6 @@ def training_step(batch, generator, mask_ratio: float, *, model, scheduler, data
     )
 
 
-def build_model(args, start, data) -> MaskedDiTTransformer2DModel:
-    if start is not None:
-        return load_start_model(start, MaskedDiTTransformer2DModel)
-    config = dict(args.model_config_resolved)
-    config.setdefault("sample_size", data.sample_size)
-    config.setdefault("in_channels", data.in_channels)
-    config.setdefault("num_classes", data.num_classes)
-    if config["sample_size"] != data.sample_size or config["in_channels"] != data.in_channels:
-        raise ValueError(
-            f"--model_config has sample_size={config['sample_size']}, in_channels={config['in_channels']} but the "
-            f"data is {data.in_channels}x{data.sample_size}x{data.sample_size}"
-        )
-    return MaskedDiTTransformer2DModel(**config)
-
-
 def make_pipeline(model, scheduler, data):
     scheduler = EDMHeunScheduler.from_config(scheduler.config)
     pipeline = MaskDiTPipeline(transformer=model, scheduler=scheduler, vae=data.vae, id2label=data.id2label)
@@ -165,29 +160,35 @@ def main(args):
     output_dir = Path(args.output_dir)
     accelerator, sharded = setup_accelerator(output_dir, **arguments.accelerator_options(args))
     # One run per output folder; a checkpoint to resume is checked before any work (nothing in it can run code).
-    run = start_run(accelerator, output_dir, args.resume_from_checkpoint, args.use_ema, sharded)
+    run = start_run(
+        accelerator,
+        output_dir,
+        args.resume_from_checkpoint,
+        args.use_ema,
+        sharded,
+        config=arguments.run_config(args, args.mask_schedule_resolved),
+        end=args.max_train_steps + args.unmask_tuning_steps,
+        overwrite_output_dir=args.overwrite_output_dir,
+    )
     start = args.pretrained_model_name_or_path
-    config = start_model_config(start, MaskedDiTTransformer2DModel) if start else args.model_config_resolved
-    model_classes = config.get("num_classes")
-    if args.num_classes is not None and model_classes is not None and args.num_classes != model_classes:
-        raise ValueError(
-            f"--num_classes {args.num_classes} contradicts the model config's num_classes={model_classes}"
-        )
+    num_classes = model_num_classes(MaskedDiTTransformer2DModel, start, args.model_config_resolved, args.num_classes)
 
     # 1. Data
+    latent_cache_dir = args.cache_dir or output_dir / "latent-cache"
     data_options = arguments.data_options(args)
     if args.num_classes == 0:
         data_options["label_column"] = None
     data = load_training_data(
         accelerator,
         **data_options,
-        latent_cache_dir=args.cache_dir or output_dir / "latent-cache",
-        num_classes=args.num_classes if args.num_classes is not None else model_classes,
+        latent_cache_dir=latent_cache_dir,
+        num_classes=num_classes,
     )
     args.num_classes = data.num_classes
 
     # 2. Model and scheduler (which carries the objective)
-    model = configure_model(build_model(args, start, data), **arguments.runtime_options(args))
+    model = build_model(MaskedDiTTransformer2DModel, data, start=start, config=args.model_config_resolved)
+    configure_model(model, **arguments.runtime_options(args))
     grid_size = (data.sample_size // model.config.patch_size,) * 2
     scheduler = EDMHeunScheduler(P_mean=args.P_mean, P_std=args.P_std, sigma_data=args.sigma_data)
 
@@ -211,7 +212,9 @@ def main(args):
     # 4. Resume, then record the run (a run that fails to start overwrites nothing of an earlier one)
     global_step = resume_run(accelerator, run, model, ema, sharded)
     config = arguments.run_config(args, args.mask_schedule_resolved)
-    training_state = record_run(accelerator, output_dir, run.run_id, model, config)
+    training_state = record_run(
+        accelerator, output_dir, run, model, config, owned_dirs=[args.logging_dir, latent_cache_dir]
+    )
     start_trackers(accelerator, "train_maskdit", config)
     total_steps = phases[-1].end
     logger.info(

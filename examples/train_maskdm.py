@@ -27,25 +27,24 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from diffusers_masked import MaskDMPipeline, MaskedDDPMScheduler, MaskedUViTTransformer2DModel, drop_class_labels
+from diffusers_masked.evaluation import sampling
 from diffusers_masked.masking import generate_mask, generated_mask_count, parse_mask_schedule
 from diffusers_masked.models.masked_uvit import MASKDM_SIZES
 from diffusers_masked.training import arguments
 from diffusers_masked.training.arguments import finite_float, int_at_least
 from diffusers_masked.training.batches import check_batch_sizes
-from diffusers_masked.training.checkpoints import list_checkpoints, read_training_state
 from diffusers_masked.training.data import load_training_data
 from diffusers_masked.training.distributed import end_training, exit_process, setup_accelerator
 from diffusers_masked.training.loop import periodic_saves, train_phases
 from diffusers_masked.training.models import (
-    ONLINE_DIR,
+    build_model,
     configure_model,
-    load_start_model,
+    model_num_classes,
     prepare_training,
-    start_model_config,
 )
-from diffusers_masked.training.phases import Phase
+from diffusers_masked.training.phases import Phase, phases_mask_schedule, staged_phases
 from diffusers_masked.training.recipes import add_recipe_argument, parse_args_with_recipe
-from diffusers_masked.training.run import finish_run, record_run, resume_run, start_run, start_trackers
+from diffusers_masked.training.run import finish_run, record_run, resume_run, run_finished, start_run, start_trackers
 from diffusers_masked.training.validation import sample_grid
 
 logger = get_logger(__name__)
@@ -60,7 +59,19 @@ def parse_args(argv=None):
     arguments.add_data_arguments(parser, label_column=None, latents=False, class_dropout_prob=0.15)
     arguments.add_model_arguments(parser, presets="'MaskDM-S', 'MaskDM-B'", blocks="the U-ViT blocks")
     parser.add_argument("--beta_schedule", type=str, default="squaredcos_cap_v2", choices=BETA_SCHEDULES)
+    parser.add_argument(
+        "--finetune_beta_schedule", default=None, choices=BETA_SCHEDULES, help="Defaults to --beta_schedule."
+    )
     arguments.add_masking_arguments(parser, mask_block_size=4)
+    parser.add_argument(
+        "--pretrain_stages",
+        type=str,
+        default=None,
+        help='Staged pre-training, each stage with its own settings, as JSON: e.g. \'[{"steps": 200000, '
+        '"mask_ratio": 0.9, "batch_size": 128, "learning_rate": 2e-4}, {"steps": 500000, "mask_ratio": 0.5, '
+        '"batch_size": 64, "learning_rate": 2e-4, "warmup_steps": 5000, "max_grad_norm": 1.0}]\'. Replaces '
+        "--max_train_steps, --mask_ratio, --mask_schedule, --train_batch_size, --learning_rate, --lr_warmup_steps.",
+    )
     group = parser.add_argument_group("stage 2: fine-tuning")
     group.add_argument("--finetune_steps", type=int_at_least(0), default=None, help="Stage-2 steps (0 skips it).")
     group.add_argument("--finetune_learning_rate", type=finite_float(0, low_open=True), default=None)
@@ -68,25 +79,31 @@ def parse_args(argv=None):
         "--finetune_batch_size", type=int_at_least(1), default=None, help="Defaults to --train_batch_size."
     )
     group.add_argument("--finetune_warmup_steps", type=int_at_least(0), default=None)
+    group.add_argument("--finetune_max_grad_norm", type=finite_float(0, low_open=True), default=None)
     arguments.add_optimisation_arguments(parser)  # AdamW betas and weight decay: the recipe defaults
     arguments.add_output_arguments(parser)
     arguments.add_sampling_arguments(parser, guidance_scale=1.0)
     parser.add_argument(
         "--num_validation_images", type=int_at_least(1), default=16, help="Images per grid (rows of 8)."
     )
+    parser.add_argument(
+        "--sampler",
+        default="ddim",
+        choices=("ddim", "ddpm", "dpmsolver"),
+        help="The saved pipeline's sampler, also of grids and evaluation: DDIM (x0 clipped), DDPM (ancestral), or "
+        "DPM-Solver++ with x0 clipped (few steps).",
+    )
     args = parse_args_with_recipe(parser, argv, "train_maskdm")
     if args.max_train_steps + args.finetune_steps == 0:
         parser.error("nothing to train: --max_train_steps and --finetune_steps are both 0")
     if args.num_inference_steps > 1000:
+        parser.error(f"--num_inference_steps must be at most the 1000 training steps, got {args.num_inference_steps}")
+    if args.label_column is None and (args.num_classes or args.guidance_scale != 1):
+        flag = "--num_classes" if args.num_classes else "--guidance_scale"
         parser.error(
-            f"--num_inference_steps must be at most the 1000 training timesteps, got {args.num_inference_steps}"
+            f"{flag} needs a class-conditional run (--label_column); MaskDM trains unconditionally by default"
         )
-    if args.num_classes and args.label_column is None:
-        parser.error("--num_classes needs --label_column (MaskDM trains unconditionally by default)")
-    if args.guidance_scale != 1 and args.label_column is None:
-        parser.error(
-            "--guidance_scale needs a class-conditional run (--label_column); unconditional sampling has none"
-        )
+    arguments.resolve_pretrain_stages(parser, args)
     arguments.resolve_schedule_and_model_config(parser, args, MaskedUViTTransformer2DModel)
     if args.finetune_batch_size is None:
         args.finetune_batch_size = args.train_batch_size
@@ -97,31 +114,30 @@ def stages_of(args) -> list[tuple[str, Path]]:
     """The stages this run trains and the folder of each."""
     output_dir = Path(args.output_dir)
     if args.max_train_steps and args.finetune_steps:
-        return [("pretrain", output_dir.parent / f"{output_dir.name}{PRETRAIN_SUFFIX}"), ("finetune", output_dir)]
+        # Named from the folder's real name: `--output_dir .` must not give a folder called "-pretrain".
+        pretrain = output_dir.resolve().parent / f"{output_dir.resolve().name}{PRETRAIN_SUFFIX}"
+        return [("pretrain", pretrain), ("finetune", output_dir)]
     return [("pretrain" if args.max_train_steps else "finetune", output_dir)]
 
 
-def stage_phase(args, stage: str) -> Phase:
+def stage_phases(args, stage: str) -> list[Phase]:
+    """The phases of a stage: pre-training as one phase at --mask_ratio/--mask_schedule, or one per
+    --pretrain_stages entry; fine-tuning as one unmasked phase."""
+    if stage == "pretrain" and args.pretrain_stages:
+        return staged_phases(args.pretrain_stages)
     if stage == "pretrain":
-        steps, batch, lr, warmup = (
-            args.max_train_steps,
-            args.train_batch_size,
-            args.learning_rate,
-            args.lr_warmup_steps,
-        )
-        return Phase("masked", 0, steps, batch, lr, args.mask_schedule_resolved, warmup)
+        steps, batch, lr = args.max_train_steps, args.train_batch_size, args.learning_rate
+        return [Phase("masked", 0, steps, batch, lr, args.mask_schedule_resolved, args.lr_warmup_steps)]
     steps, batch, lr = args.finetune_steps, args.finetune_batch_size, args.finetune_learning_rate
-    return Phase("finetune", 0, steps, batch, lr, parse_mask_schedule(0.0), args.finetune_warmup_steps)
+    warmup, clip = args.finetune_warmup_steps, args.finetune_max_grad_norm
+    return [Phase("finetune", 0, steps, batch, lr, parse_mask_schedule(0.0), warmup, clip)]
 
 
-def stage_is_complete(folder: Path, steps: int) -> bool:
-    """A stage-1 run that ended: its online weights are saved and its newest checkpoint is at its last step."""
-    checkpoints = list_checkpoints(folder)
-    return (
-        (folder / ONLINE_DIR / "config.json").is_file()
-        and bool(checkpoints)
-        and (read_training_state(checkpoints[-1])["global_step"] >= steps)
-    )
+def stage_config(args, stage: str, start) -> dict:
+    """The stage's flags as its folder records them: the run's, its mask schedule, the stage and its start weights."""
+    start_weights = str(start) if start is not None else None
+    schedule = phases_mask_schedule(stage_phases(args, stage))
+    return arguments.run_config(args, schedule, stage=stage, start_weights=start_weights)
 
 
 def training_step(batch, generator, mask_ratio: float, *, model, scheduler, data, args, device, grid_size):
@@ -147,29 +163,11 @@ def training_step(batch, generator, mask_ratio: float, *, model, scheduler, data
     )
 
 
-def build_model(args, start, in_channels: int, sample_size: int, num_classes: int) -> MaskedUViTTransformer2DModel:
-    if start is not None:
-        model = load_start_model(start, MaskedUViTTransformer2DModel)
-    else:
-        data_config = {"sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes}
-        # A preset names a size of model, not of data: it takes the data's; an explicit config must match it.
-        preset = args.model_config in MASKDM_SIZES
-        config = (
-            {**args.model_config_resolved, **data_config} if preset else {**data_config, **args.model_config_resolved}
-        )
-        model = MaskedUViTTransformer2DModel(**config)
-    config = model.config
-    size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
-    if (size, config.in_channels, config.num_classes) != (sample_size, in_channels, num_classes):
-        raise ValueError(
-            f"the model has sample_size={size}, in_channels={config.in_channels}, num_classes={config.num_classes} "
-            f"but the data is {in_channels}x{sample_size}x{sample_size} with {num_classes} classes (0: unconditional)"
-        )
-    return model
-
-
-def make_pipeline(model, scheduler):
+def make_pipeline(model, scheduler, sampler: str = "ddim"):
+    # DDIM with x0 clipped as the official evaluation; DDPM (ancestral) and DPM-Solver++ keep the clipping.
     pipeline = MaskDMPipeline(transformer=model, scheduler=MaskDMPipeline.default_scheduler(scheduler.config))
+    if sampler != "ddim":
+        sampling.set_scheduler(pipeline, sampler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -186,29 +184,34 @@ def validation_grid(args, pipeline):
 def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_step_offset, final):
     """Train one stage into `folder`; returns its global step."""
     # 1. Model and scheduler (which carries the objective)
-    phase = stage_phase(args, stage)
-    model = build_model(args, start, data.in_channels, data.sample_size, data.num_classes)
+    phases = stage_phases(args, stage)
+    end = phases[-1].end
+    preset = args.model_config in MASKDM_SIZES
+    model = build_model(
+        MaskedUViTTransformer2DModel, data, start=start, config=args.model_config_resolved, preset=preset
+    )
     configure_model(model, **arguments.runtime_options(args))
     grid_size = tuple(side // model.config.patch_size for side in (data.sample_size, data.sample_size))
-    scheduler = MaskedDDPMScheduler(beta_schedule=args.beta_schedule)
+    beta_schedule = args.finetune_beta_schedule if stage == "finetune" else args.beta_schedule
+    scheduler = MaskedDDPMScheduler(beta_schedule=beta_schedule or args.beta_schedule)
 
     # 2. A fresh optimizer and EMA, prepared
     model, optimizer, ema = prepare_training(
-        accelerator, model, sharded, learning_rate=phase.learning_rate, **arguments.optimizer_options(args)
+        accelerator, model, sharded, learning_rate=phases[0].learning_rate, **arguments.optimizer_options(args)
     )
 
     # 3. Resume, then record the stage
     global_step = resume_run(accelerator, run, model, ema, sharded, stage=stage)
-    start_weights = str(start) if start is not None else None
-    config = arguments.run_config(args, phase.mask_schedule, stage=stage, start_weights=start_weights)
-    training_state = record_run(accelerator, folder, run.run_id, model, config)
+    config = stage_config(args, stage, start)
+    training_state = record_run(accelerator, folder, run, model, config, owned_dirs=[args.logging_dir])
     logger.info(
         f"{stage}: {len(data.dataset)} examples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{phase.end} steps, batch {phase.batch_size}, lr {phase.learning_rate:g}, start {start or 'scratch'}"
+        f"start {start or 'scratch'}, phases "
+        + ", ".join(f"{p.name} [{p.start}, {p.end}) batch {p.batch_size} lr {p.learning_rate:g}" for p in phases)
     )
 
     # 4. Train
-    progress = tqdm(range(phase.end), initial=global_step, desc=stage, disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(end), initial=global_step, desc=stage, disable=not accelerator.is_local_main_process)
     step = functools.partial(
         training_step,
         model=model,
@@ -223,7 +226,7 @@ def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_s
         model,
         optimizer,
         ema,
-        [phase],
+        phases,
         data,
         step,
         global_step=global_step,
@@ -234,8 +237,8 @@ def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_s
             sharded,
             folder,
             training_state,
-            end=phase.end,
-            validation_grid=lambda ema_model: validation_grid(args, make_pipeline(ema_model, scheduler)),
+            end=end,
+            validation_grid=lambda ema_model: validation_grid(args, make_pipeline(ema_model, scheduler, args.sampler)),
             tag=f"{stage}/validation",
             **arguments.saving_options(args),
         ),
@@ -258,7 +261,7 @@ def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_s
         training_state,
         model_cls=MaskedUViTTransformer2DModel,
         checkpoints_total_limit=args.checkpoints_total_limit,
-        make_pipeline=lambda final_model: make_pipeline(final_model, scheduler),
+        make_pipeline=lambda final_model: make_pipeline(final_model, scheduler, args.sampler),
         final_grid=lambda pipeline: validation_grid(args, pipeline),
         dataset_name=arguments.dataset_label(args),
         digits_evaluation=digits_evaluation,
@@ -278,15 +281,25 @@ def main(args):
     # Every stage's folder is claimed and its checkpoint checked before any work. A stage-1 run that ended is not
     # trained again when the two-stage run is resumed.
     runs = {}
-    for stage, folder in stages:
+    for i, (stage, folder) in enumerate(stages):
         resume = args.resume_from_checkpoint
         if resume not in (None, "latest") and Path(resume).resolve().parent != folder.resolve():
             resume = "latest"  # an explicit checkpoint belongs to the other stage; this one continues where it is
-        runs[stage] = start_run(accelerator, folder, resume, args.use_ema, sharded)
+        start = stages[0][1] if i == 1 else args.pretrained_model_name_or_path
+        runs[stage] = start_run(
+            accelerator,
+            folder,
+            resume,
+            args.use_ema,
+            sharded,
+            config=stage_config(args, stage, start),
+            end=stage_phases(args, stage)[-1].end,
+            overwrite_output_dir=args.overwrite_output_dir,
+        )
     start = args.pretrained_model_name_or_path
-    model_classes = start_model_config(start, MaskedUViTTransformer2DModel).get("num_classes") if start else None
-    if start is None:
-        model_classes = args.model_config_resolved.get("num_classes")
+    model_classes = model_num_classes(
+        MaskedUViTTransformer2DModel, start, args.model_config_resolved, args.num_classes
+    )
     if args.label_column is None and model_classes:
         raise ValueError(f"the model is class-conditional (num_classes={model_classes}); pass --label_column")
 
@@ -294,9 +307,10 @@ def main(args):
     data = load_training_data(
         accelerator,
         **arguments.data_options(args),
-        num_classes=(args.num_classes or model_classes) if args.label_column is not None else 0,
+        num_classes=model_classes if args.label_column is not None else 0,
     )
-    check_batch_sizes(accelerator, len(data.dataset), [stage_phase(args, stage).batch_size for stage, _ in stages])
+    batch_sizes = [phase.batch_size for stage, _ in stages for phase in stage_phases(args, stage)]
+    check_batch_sizes(accelerator, len(data.dataset), batch_sizes)
     start_trackers(accelerator, "train_maskdm", vars(args))
 
     # 2. The stages
@@ -307,7 +321,7 @@ def main(args):
             stage == "pretrain"
             and len(stages) == 2
             and run.resume_path is not None
-            and stage_is_complete(folder, args.max_train_steps)
+            and run_finished(folder, args.max_train_steps)
         ):
             logger.info(
                 f"pretrain: {folder} finished at step {args.max_train_steps}; fine-tuning from its online weights"

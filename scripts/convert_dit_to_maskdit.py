@@ -13,6 +13,8 @@ from diffusers import DiTTransformer2DModel
 
 from diffusers_masked.conversion import convert_dit_transformer
 from diffusers_masked.models.masked_dit import MASKDIT_DECODER
+from diffusers_masked.training.arguments import int_at_least
+from diffusers_masked.utils.safe_loading import check_model_folder
 
 
 def parse_args(argv=None):
@@ -26,21 +28,29 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Where to save the converted transformer.")
     parser.add_argument(
         "--decoder_num_layers",
-        type=int,
+        type=int_at_least(0),
         default=MASKDIT_DECODER["decoder_num_layers"],
         help="Depth of the new decoder (MaskDiT: 8); 0 for none, which keeps DiT's final layer.",
     )
     parser.add_argument(
-        "--decoder_num_attention_heads", type=int, default=MASKDIT_DECODER["decoder_num_attention_heads"]
+        "--decoder_num_attention_heads", type=int_at_least(1), default=MASKDIT_DECODER["decoder_num_attention_heads"]
     )
     parser.add_argument(
-        "--decoder_attention_head_dim", type=int, default=MASKDIT_DECODER["decoder_attention_head_dim"]
+        "--decoder_attention_head_dim", type=int_at_least(1), default=MASKDIT_DECODER["decoder_attention_head_dim"]
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # A local folder must hold a diffusers DiT (not, say, a MaskDiT pipeline) before anything is loaded.
+    check_model_folder(
+        args.pretrained_model_name_or_path,
+        "DiTTransformer2DModel",
+        args.subfolder or None,
+        name="--pretrained_model_name_or_path",
+        subfolder_name="--subfolder",
+    )
     dit = DiTTransformer2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder=args.subfolder or None)
     model = convert_dit_transformer(
         dit,

@@ -3,13 +3,16 @@
     python scripts/convert_maskdit_to_diffusers.py --checkpoint imagenet256-ckpt-best_with_guidance.pt \\
         --vae autoencoder_kl.pth --output_dir maskdit-imagenet256
 
-The file is read without running code (see `diffusers_masked.conversion.load_checkpoint`). See docs/conversion.md.
+The file is read without running code (see `diffusers_masked.utils.safe_loading.load_torch_file`). See
+docs/conversion.md.
 """
 
 import argparse
+from pathlib import Path
 
 from diffusers_masked.conversion import WEIGHTS, convert_maskdit_checkpoint, load_vae
 from diffusers_masked.training.arguments import int_at_least
+from diffusers_masked.utils.safe_loading import no_such_path
 
 
 def parse_args(argv=None):
@@ -36,15 +39,27 @@ def parse_args(argv=None):
         default=None,
         help="For a single-file VAE: a diffusers config (folder or Hub id) describing it.",
     )
-    parser.add_argument("--num_attention_heads", type=int_at_least(1), default=16, help="Encoder heads (16 for XL/2).")
     parser.add_argument(
-        "--decoder_num_attention_heads", type=int_at_least(1), default=16, help="Decoder heads (16 in the paper)."
+        "--num_attention_heads",
+        type=int_at_least(1),
+        default=None,
+        help="Encoder heads, which the weights do not store. Default: from the model type a training checkpoint "
+        "records, else from the DiT size of the width (S 384: 6, B 768: 12, L 1024: 16, XL 1152: 16); another width "
+        "needs this flag.",
+    )
+    parser.add_argument(
+        "--decoder_num_attention_heads",
+        type=int_at_least(1),
+        default=None,
+        help="Decoder heads; default 16, the official 512-wide decoder's.",
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if not Path(args.checkpoint).exists():
+        raise ValueError(no_such_path(args.checkpoint, "--checkpoint"))
     vae = load_vae(args.vae, subfolder=args.vae_subfolder, config=args.vae_config)
     pipe = convert_maskdit_checkpoint(
         args.checkpoint,

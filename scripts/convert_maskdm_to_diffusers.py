@@ -3,7 +3,8 @@
     python scripts/convert_maskdm_to_diffusers.py --checkpoint pretrain_celebahq_m90block4_20.pt \\
         --output_dir maskdm-celebahq256 [--weights ema|model] [--push_to_hub org/name]
 
-The file is read without running code (see `diffusers_masked.conversion.load_checkpoint`). See docs/conversion.md.
+The file is read without running code (see `diffusers_masked.utils.safe_loading.load_torch_file`). See
+docs/conversion.md.
 """
 
 import argparse

@@ -3,6 +3,7 @@ architecture description (timm attention, tanh-GELU MLP, adaLN-Zero blocks, one-
 unmasking) and against diffusers' own DiT."""
 
 import argparse
+import importlib.util
 import math
 import os
 import subprocess
@@ -20,8 +21,10 @@ from diffusers_masked.conversion import (
     convert_maskdit_checkpoint,
     convert_maskdit_state_dict,
     imagenet_id2label,
+    load_vae,
     maskdit_config_from_state_dict,
     maskdit_scheduler,
+    recorded_model_type,
     select_state_dict,
 )
 from diffusers_masked.utils.safe_loading import load_torch_file
@@ -67,14 +70,16 @@ def official_state_dict(
     num_classes=10,
     out_channels=None,
     prefix="model.",
+    meta=False,
 ):
-    """An EDMPrecond-wrapped MaskDiT state dict with the official names and shapes and random values."""
+    """An EDMPrecond-wrapped MaskDiT state dict with the official names and shapes and random values (with `meta`,
+    shapes only: tensors on the meta device, for the real sizes)."""
     generator = torch.Generator().manual_seed(seed)
     out_channels = out_channels or in_channels
     grid = input_size // patch
 
     def rand(*shape):
-        return 0.3 * torch.randn(*shape, generator=generator)
+        return torch.empty(*shape, device="meta") if meta else 0.3 * torch.randn(*shape, generator=generator)
 
     sd = {}
 
@@ -289,6 +294,117 @@ def test_maskdit_positions_other_than_sincos_are_refused():
 def test_maskdit_heads_must_divide_the_width():
     with pytest.raises(ValueError, match="num_attention_heads must be a positive int dividing the width 24"):
         convert_maskdit_state_dict(official_state_dict(**TINY_OFFICIAL), num_attention_heads=5)
+
+
+# The official code's sizes: DiT's S, B, L, XL and its own H (width, heads).
+OFFICIAL_SIZES = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "XL": (1152, 16), "H": (1280, 16)}
+
+
+@pytest.mark.parametrize("size", OFFICIAL_SIZES)
+def test_maskdit_heads_are_those_of_the_dit_size_the_width_identifies(size):
+    width, heads = OFFICIAL_SIZES[size]
+    sd = official_state_dict(width=width, depth=1, decoder_width=512, meta=True)
+    config = maskdit_config_from_state_dict(sd)
+    assert (config["num_attention_heads"], config["attention_head_dim"]) == (heads, width // heads)
+    assert (config["decoder_num_attention_heads"], config["decoder_attention_head_dim"]) == (16, 32)
+
+
+# A DiT-S/2 with one block and the official decoder (512 wide, 16 heads), in the official layout.
+DIT_S = dict(width=384, depth=1, decoder_width=512, decoder_depth=1, num_classes=10)
+
+
+def test_an_official_dit_s_converts_without_head_flags_into_the_official_forward():
+    sd = official_state_dict(**DIT_S)
+    model = convert_maskdit_state_dict(sd).double()  # compared in float64 with the reference
+    x, c_noise, labels = inputs()
+    expected = official_forward(sd, x, c_noise, F.one_hot(labels, 10), heads=6, decoder_heads=16)
+    with torch.no_grad():
+        got = model(x.double(), c_noise.double(), class_labels=labels).sample
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_maskdit_widths_of_no_dit_size_need_the_head_counts():
+    sd = official_state_dict(**TINY_OFFICIAL)
+    with pytest.raises(ValueError, match=r"24 wide, which is no DiT size .* \(command line: --num_attention_heads\)$"):
+        convert_maskdit_state_dict(sd)
+    with pytest.raises(ValueError, match="decoder is 16 wide, not the official 512, .* --decoder_num_attention_heads"):
+        convert_maskdit_state_dict(sd, num_attention_heads=2)
+
+
+def save_official_checkpoint(path, args, **sizes):
+    """A training checkpoint as the official train.py writes it, with `args` pickled beside the weights."""
+    sd = official_state_dict(**sizes)
+    torch.save({"model": sd, "ema": sd, "args": args}, path)
+    return sd
+
+
+def test_a_recorded_model_type_is_read_safely_and_sets_the_heads(tmp_path):
+    save_official_checkpoint(tmp_path / "s.pt", argparse.Namespace(model="DiT-S/2", lr=1e-4), **DIT_S)
+    assert recorded_model_type(load_torch_file(tmp_path / "s.pt")) == "DiT-S/2"
+    pipe = convert_maskdit_checkpoint(tmp_path / "s.pt")
+    assert (pipe.transformer.config.num_attention_heads, pipe.transformer.config.attention_head_dim) == (6, 64)
+    # The pickled config object of the older training scripts, and a plain dict.
+    assert recorded_model_type({"args": {"model_type": "DiT-XL/2"}}) == "DiT-XL/2"
+    assert recorded_model_type({"args": argparse.Namespace(config="configs/train.yaml")}) is None
+
+
+def test_a_recorded_model_type_that_contradicts_the_weights_is_refused(tmp_path):
+    save_official_checkpoint(tmp_path / "s.pt", argparse.Namespace(model="DiT-XL/2"), **DIT_S)
+    with pytest.raises(
+        ValueError, match=r"records model type 'DiT-XL/2' \(1152 wide, patch 2\), but its weights are 384"
+    ):
+        convert_maskdit_checkpoint(tmp_path / "s.pt")
+    pipe = convert_maskdit_checkpoint(tmp_path / "s.pt", num_attention_heads=6)  # the flag decides
+    assert pipe.transformer.config.num_attention_heads == 6
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(Path(name).stem, REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_maskdit_script_converts_a_dit_s_checkpoint_with_its_6_heads(tmp_path):
+    save_official_checkpoint(tmp_path / "s.pt", argparse.Namespace(lr=1e-4), **DIT_S)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    script = load_script("convert_maskdit_to_diffusers.py")
+    argv = ["--checkpoint", str(tmp_path / "s.pt"), "--vae", str(tmp_path / "vae")]
+    script.main(argv + ["--output_dir", str(tmp_path / "out")])
+    config = MaskedDiTTransformer2DModel.load_config(tmp_path / "out" / "transformer")
+    assert (config["num_attention_heads"], config["decoder_num_attention_heads"]) == (6, 16)
+
+
+def test_a_missing_or_truncated_checkpoint_is_refused_in_one_line_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=f"checkpoint: no such file or folder: {tmp_path / 'missing.pt'}$"):
+        convert_maskdit_checkpoint(tmp_path / "missing.pt")
+    save_official_checkpoint(tmp_path / "full.pt", argparse.Namespace(lr=1e-4), **TINY_OFFICIAL)
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'cut.pt'} is not a readable torch checkpoint: truncated") as e:
+        convert_maskdit_checkpoint(tmp_path / "cut.pt", **HEADS)
+    assert "\n" not in str(e.value)
+
+
+def test_the_maskdit_script_refuses_a_missing_checkpoint_before_loading_the_vae(tmp_path, monkeypatch):
+    script = load_script("convert_maskdit_to_diffusers.py")
+    monkeypatch.setattr(script, "load_vae", lambda *args, **kwargs: pytest.fail("the VAE was loaded"))
+    with pytest.raises(ValueError, match="--checkpoint: no such file or folder: ./missing.pt$"):
+        script.main(["--checkpoint", "./missing.pt", "--vae", "some/vae", "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("vae", ["./missing-vae", "autoencoder_kl.pth", "/nope/vae"])
+def test_load_vae_says_no_such_file_or_folder_for_a_missing_local_path(vae, no_network):
+    with pytest.raises(ValueError, match=f"vae: no such file or folder: {vae}$"):
+        load_vae(vae)
+
+
+def test_load_vae_refuses_a_folder_that_holds_another_model(tmp_path):
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    with pytest.raises(
+        ValueError, match="must be a diffusers AutoencoderKL folder, but .* describes a DiTTransformer"
+    ):
+        load_vae(tmp_path / "dit")
 
 
 def test_select_state_dict_takes_the_requested_weights():
@@ -512,6 +628,31 @@ def test_dit_with_decoder_keeps_the_encoder_and_starts_a_new_decoder():
     assert torch.equal(block.modulation.weight, source.norm1.linear.weight)
     # The paper's initialisation: decoder layer and final layer start at zero.
     assert not model.decoder_layer.proj.weight.any() and not model.final_layer.proj.weight.any()
+
+
+def test_convert_dit_transformer_refuses_a_model_that_is_not_a_diffusers_dit():
+    with pytest.raises(TypeError, match="dit must be a diffusers DiTTransformer2DModel, got MaskedDiTTransformer2D"):
+        convert_dit_transformer(convert_maskdit_state_dict(official_state_dict(**TINY_OFFICIAL), **HEADS))
+
+
+def test_the_dit_script_refuses_a_maskdit_pipeline_before_loading_it(tmp_path):
+    folder = make_converted_pipeline_folder(tmp_path / "maskdit")
+    script = load_script("convert_dit_to_maskdit.py")
+    argv = ["--pretrained_model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="must be a diffusers DiTTransformer2DModel folder, but .* MaskedDiT"):
+        script.main(argv)
+    with pytest.raises(ValueError, match="is not a diffusers DiTTransformer2DModel folder: .* has no config.json"):
+        script.main(argv + ["--subfolder", "scheduler_missing"])
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: no such file or folder: ./no-dit$"):
+        script.main(["--pretrained_model_name_or_path", "./no-dit", "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("flag", ["--decoder_num_attention_heads", "--decoder_attention_head_dim"])
+def test_the_dit_script_refuses_zero_decoder_heads_before_any_work(flag, tmp_path, capsys):
+    script = load_script("convert_dit_to_maskdit.py")
+    with pytest.raises(SystemExit):
+        script.main(["--pretrained_model_name_or_path", "org/dit", "--output_dir", str(tmp_path), flag, "0"])
+    assert f"argument {flag}: must be an integer >= 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

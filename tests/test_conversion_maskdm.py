@@ -316,6 +316,17 @@ def test_converted_pipeline_samples_with_the_official_evaluation_sampler(tmp_pat
     assert config.clip_sample and config.clip_sample_range == 1.0 and config.timestep_spacing == "trailing"
 
 
+def test_a_missing_or_truncated_checkpoint_is_refused_in_one_line_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=f"checkpoint: no such file or folder: {tmp_path / 'model-20.pt'}$"):
+        convert_maskdm_checkpoint(tmp_path / "model-20.pt")
+    torch.save(official_checkpoint(), tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'cut.pt'} is not a readable torch checkpoint: truncated") as e:
+        convert_maskdm_checkpoint(tmp_path / "cut.pt", num_attention_heads=HEADS)
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The script, end to end
 

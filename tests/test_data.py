@@ -230,6 +230,125 @@ def test_verify_images_counts_a_clean_dataset(image_folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Images deeper than 8 bits
+# ---------------------------------------------------------------------------------------------------------
+
+# 16-bit gray levels across the range, multiples of 257 (exact 8-bit levels) and not.
+SIXTEEN_BIT = np.array(
+    [[0, 257, 32768, 65535], [1000, 30000, 40000, 65000], [128, 129, 65407, 65408], [12345, 23456, 34567, 45678]],
+    dtype=np.uint16,
+)
+
+
+def _expected_8_bit(values: np.ndarray) -> np.ndarray:
+    return np.round(values.astype(np.float64) * 255 / 65535)
+
+
+def _sixteen_bit_png(path: Path) -> Path:
+    PIL.Image.fromarray(SIXTEEN_BIT).save(path)
+    return path
+
+
+def _sixteen_bit_source(kind: str, tmp_path: Path):
+    """The 16-bit image as a record or a PIL image of the given PIL mode."""
+    if kind == "I;16 png":
+        return {"path": str(_sixteen_bit_png(tmp_path / "deep.png")), "bytes": None}
+    if kind == "I;16B tiff":
+        PIL.Image.fromarray(SIXTEEN_BIT.astype(">u2")).save(tmp_path / "deep.tif")
+        assert PIL.Image.open(tmp_path / "deep.tif").mode == "I;16B"
+        return {"path": str(tmp_path / "deep.tif"), "bytes": None}
+    mode, order = {"I;16L in memory": ("I;16L", "<u2"), "I;16N in memory": ("I;16N", "=u2")}[kind]
+    return PIL.Image.frombytes(mode, SIXTEEN_BIT.shape[::-1], SIXTEEN_BIT.astype(order).tobytes())
+
+
+@pytest.mark.parametrize("kind", ["I;16 png", "I;16B tiff", "I;16L in memory", "I;16N in memory"])
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(kind, tmp_path):
+    source = _sixteen_bit_source(kind, tmp_path)
+    expected = _expected_8_bit(SIXTEEN_BIT)
+    np.testing.assert_array_equal(np.asarray(open_image(source)), expected)
+    for channels in (1, 3):  # 4x4 already: no resize, so the transform is exactly 0..255 -> [-1, 1]
+        pixels = build_transforms(4, num_channels=channels)(source)
+        torch.testing.assert_close(pixels, torch.from_numpy(expected / 127.5 - 1).float().expand(channels, 4, 4))
+
+
+def test_16_bit_pngs_opened_as_mode_i_by_old_pillow_are_scaled_too(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    path = _sixteen_bit_png(tmp_path / "deep.png")
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))  # Pillow < 10.3's mode for 16-bit gray
+    assert PIL.Image.open(path).mode == "I"
+    np.testing.assert_array_equal(np.asarray(open_image(path)), _expected_8_bit(SIXTEEN_BIT))
+
+
+def _write_32_bit_tiff(path: Path, mode: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = np.full((10, 12), 70000, np.int32) if mode == "I" else np.full((10, 12), 0.5, np.float32)
+    PIL.Image.fromarray(values).save(path)
+    assert PIL.Image.open(path).mode == mode
+    return path
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32_bit_images_are_refused_by_path_before_training_and_when_decoded(mode, image_folder, tmp_path):
+    deep = _write_32_bit_tiff(image_folder / "cat" / "deep.tif", mode)
+    with pytest.raises(ValueError, match=r"1 of 7 images are refused") as excinfo:
+        verify_images(image_folder)
+    assert str(deep) in str(excinfo.value) and f"PIL mode {mode!r}" in str(excinfo.value)
+    with pytest.raises(ValueError, match=r"deep\.tif.*8-bit"):
+        build_transforms(8)({"path": str(deep), "bytes": None})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layouts and paths that give no (or wrong) labels
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "files, says",
+    [
+        (["a.png", "b.png"], "lie directly in it, not in class folders"),
+        (["cat/a.png", "cat/b.png"], "one class folder \\('cat'\\)"),
+        (["cat/x/a.png", "dog/y/b.png"], "nested below its class folders"),
+        (["cat/a.png", "dog/b.png", "c.png"], "has images directly in it \\(1, e.g. 'c.png'\\) beside"),
+    ],
+    ids=["flat", "one_class", "nested", "loose_beside_classes"],
+)
+def test_image_folder_layouts_without_class_labels_say_the_layout_and_the_flag(files, says, tmp_path):
+    for i, name in enumerate(files):
+        _write_image(tmp_path / "images" / name, seed=i)
+    with pytest.raises(ValueError, match=says) as excinfo:
+        load_image_dataset(train_data_dir=tmp_path / "images", cache_dir=tmp_path / "hf")
+    assert "root/<class>/<image>" in str(excinfo.value) and "--num_classes 0" in str(excinfo.value)
+    # Without labels the same folder loads.
+    dataset, _ = load_image_dataset(train_data_dir=tmp_path / "images", label_column=None, cache_dir=tmp_path / "hf")
+    assert len(dataset) == len(files)
+
+
+def test_a_dataset_without_the_label_column_names_the_command_line_flags(tmp_path):
+    images = [PIL.Image.new("L", (8, 8), value) for value in (0, 255)]
+    datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()})).to_parquet(
+        str(tmp_path / "repo" / "train.parquet")
+    )
+    with pytest.raises(ValueError, match=r"--label_column NAME.*--num_classes 0"):
+        load_image_dataset(dataset_name=str(tmp_path / "repo"), image_column="img", cache_dir=tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "source", [{"train_data_dir": "/nope/images"}, {"dataset_name": "./nope"}, {"dataset_name": "/nope/data"}]
+)
+def test_a_missing_local_path_says_no_such_file_or_folder(source, tmp_path, no_network):
+    path = next(iter(source.values()))
+    with pytest.raises(ValueError, match=f"no such file or folder: {path}$"):
+        load_image_dataset(**source, cache_dir=tmp_path / "hf")
+
+
+def test_a_hub_id_that_is_no_local_path_still_goes_to_the_hub(tmp_path):
+    with pytest.raises(Exception) as excinfo:  # offline in the tests: the Hub is not reached
+        load_image_dataset(dataset_name="some-org/some-dataset", cache_dir=tmp_path / "hf")
+    assert "no such file or folder" not in str(excinfo.value) and "some-org/some-dataset" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Latent pre-extraction
 # ---------------------------------------------------------------------------------------------------------
 
@@ -339,6 +458,20 @@ def test_sample_latents_is_the_scaled_reparameterised_posterior_sample():
     torch.testing.assert_close(z, (mean + std * eps) * 0.18215)
     deterministic = sample_latents({"latent_mean": mean, "latent_std": torch.zeros_like(std)}, 2.0)
     torch.testing.assert_close(deterministic, 2 * mean)
+
+
+@pytest.mark.parametrize("damage", ["truncated_arrow", "missing_state"])
+def test_a_damaged_latent_cache_names_its_folder_and_says_to_delete_it(damage, vae_dir, digits_subset, tmp_path):
+    vae, transform = AutoencoderKL.from_pretrained(vae_dir), build_transforms(16)
+    extract_latents(digits_subset, vae, transform, tmp_path / "cache", batch_size=5)
+    (cache,) = (tmp_path / "cache").iterdir()
+    if damage == "truncated_arrow":
+        (arrow,) = cache.glob("*.arrow")
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    else:
+        (cache / "state.json").unlink()
+    with pytest.raises(ValueError, match=f"the latent cache {cache} cannot be loaded .*delete that folder"):
+        extract_latents(digits_subset, vae, transform, tmp_path / "cache", batch_size=5)
 
 
 def test_corrupt_image_during_extraction_fails_with_its_path(vae_dir, folder_with_corrupt_files, tmp_path):

@@ -335,3 +335,24 @@ def test_an_unusable_cached_classifier_is_replaced(classifier, tmp_path, monkeyp
     reloaded = get_digits_classifier(resolution=16, cache_dir=tmp_path)
     torch.testing.assert_close(reloaded.head.weight, classifier.head.weight, rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == [cached.name]
+
+
+@pytest.fixture(scope="module")
+def classifier_trained_with_grad():
+    return features_module._train_digits_classifier(8, seed=0)[0]
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_the_classifier_trains_the_same_whatever_the_callers_grad_mode(mode, classifier_trained_with_grad, tmp_path):
+    with mode():
+        trained = get_digits_classifier(resolution=8, cache_dir=tmp_path, seed=0)
+    for (name, a), (_, b) in zip(trained.state_dict().items(), classifier_trained_with_grad.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_evaluate_cli_says_no_such_file_or_folder_for_a_missing_pipeline_folder(no_network):
+    spec = importlib.util.spec_from_file_location("evaluate_maskdit", EXAMPLES / "evaluate_maskdit.py")
+    evaluate_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_cli)
+    with pytest.raises(ValueError, match="--pipeline_dir: no such file or folder: ./out/missing-pipeline$"):
+        evaluate_cli.main(["--pipeline_dir", "./out/missing-pipeline"])

@@ -177,6 +177,109 @@ def test_statistics_are_saved_in_adms_layout_and_read_back(tmp_path):
     assert loaded.num_images == 10 and loaded.feature_extractor == "x"
 
 
+def _not_symmetric():
+    sigma = _random_spd(3, 0)
+    sigma[0, 1] += 0.5
+    return np.zeros(3), sigma
+
+
+def _not_positive_semi_definite():
+    return np.zeros(3), np.diag([1.0, 2.0, -0.5])
+
+
+def _not_finite(name):
+    mu, sigma = np.zeros(3), _random_spd(3, 0)
+    (mu if name == "mu" else sigma)[1] = np.nan if name == "mu" else np.inf
+    return mu, sigma
+
+
+@pytest.mark.parametrize(
+    "statistics, says",
+    [
+        (_not_symmetric(), "sigma is not symmetric"),
+        (_not_positive_semi_definite(), "sigma is not positive semi-definite"),
+        (_not_finite("mu"), "mu has 1 values that are NaN or infinite"),
+        (_not_finite("sigma"), "sigma has 3 values that are NaN or infinite"),
+        ((np.zeros(4), np.eye(3)), r"mu must be \(d,\) and sigma \(d, d\), got \(4,\) and \(3, 3\)"),
+    ],
+    ids=["asymmetric", "negative_eigenvalue", "nan_mu", "inf_sigma", "dimensions"],
+)
+def test_invalid_reference_statistics_are_refused_naming_the_file(statistics, says, tmp_path):
+    mu, sigma = statistics
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=mu, sigma=sigma)
+    for load in (FeatureStatistics.load, reference_statistics):
+        with pytest.raises(ValueError, match=f"{path} holds invalid reference statistics: {says}"):
+            load(path)
+
+
+def test_a_singular_covariance_stored_in_float32_is_valid(tmp_path):
+    # Fewer images than features: sigma has zero eigenvalues, which float32 rounding pushes a little below zero.
+    features = np.random.default_rng(0).normal(size=(5, 64)) * 10
+    np.savez(tmp_path / "ref.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False).astype(np.float32))
+    assert np.linalg.eigvalsh(np.load(tmp_path / "ref.npz")["sigma"].astype(np.float64))[0] < 0
+    assert FeatureStatistics.load(tmp_path / "ref.npz").sigma.shape == (64, 64)
+
+
+def test_invalid_cached_reference_statistics_are_computed_again(tmp_path, caplog):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(4):
+        PIL.Image.fromarray(np.full((4, 4, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    first = reference_statistics(folder, feature_extractor=Project(48), cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache" / "fid-statistics").glob("*.npz")
+    np.savez(cached, mu=first.mu, sigma=-first.sigma)
+    again = reference_statistics(folder, feature_extractor=Project(48), cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.sigma, first.sigma)
+    assert f"Ignoring unusable cached reference statistics ({cached} holds invalid" in caplog.text
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _overwritten_inside(path):
+    # A compressed member whose bytes were changed in place: the zip directory is intact, the data is not.
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("damage", [_truncated, _overwritten_inside], ids=["truncated", "overwritten"])
+def test_a_damaged_statistics_or_samples_npz_is_refused_in_one_line_naming_it(damage, tmp_path):
+    images = (torch.rand(300, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    np.savez_compressed(tmp_path / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    np.savez_compressed(tmp_path / "ref.npz", mu=np.zeros(50), sigma=np.eye(50) + np.ones((50, 50)))
+    samples, reference = damage(tmp_path / "samples.npz"), damage(tmp_path / "ref.npz")
+    with pytest.raises(ValueError, match=f"^{reference} is not a readable .npz file: truncated or damaged") as error:
+        reference_statistics(reference)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=f"^{samples} is not a readable .npz file: truncated or damaged") as error:
+        compute_statistics(samples, Project(192))
+    assert "\n" not in str(error.value)
+
+
+def test_an_empty_samples_npz_is_refused_naming_it(tmp_path):
+    samples = tmp_path / "empty.npz"
+    np.savez(samples, arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(ValueError, match=rf"{samples}\['arr_0'\] holds no images"):
+        evaluate_fid.main(["--samples", str(samples), "--reference", str(tmp_path / "ref.npz")])
+
+
+def test_an_iterator_of_sample_batches_is_read_once_from_its_first_batch():
+    gen = torch.Generator().manual_seed(4)
+    fake, real = torch.rand(60, 1, 4, 4, generator=gen), torch.rand(50, 1, 4, 4, generator=gen) ** 2
+    reference = compute_statistics(real, Project(16))
+    expected = evaluate_samples(fake, reference, feature_extractor=Project(16), inception_score_splits=None)
+    got = evaluate_samples(iter(fake.split(7)), reference, feature_extractor=Project(16), inception_score_splits=None)
+    assert got["num_samples"] == 60 and got["fid"] == pytest.approx(expected["fid"], rel=1e-12)
+
+
 def test_an_adm_reference_file_with_images_and_statistics_uses_its_statistics(tmp_path):
     # ADM's VIRTUAL_*.npz hold a reference batch (arr_0) and its Inception statistics (mu, sigma, ...).
     images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
@@ -205,6 +308,25 @@ def test_a_reference_folder_is_computed_once_and_cached_until_it_changes(tmp_pat
     PIL.Image.fromarray(np.full((6, 6, 3), 255, dtype=np.uint8)).save(folder / "4.png")
     changed = reference_statistics(folder, feature_extractor=Project(48), resolution=4, cache_dir=cache)
     assert changed.num_images == 5 and len(list((cache / "fid-statistics").glob("*.npz"))) == 2
+
+
+def test_a_16_bit_png_in_an_image_folder_is_read_as_its_8_bit_levels(tmp_path):
+    levels = np.arange(0, 65536, 4369, dtype=np.uint16)[:16].reshape(4, 4)  # 0, 4369 = 17 * 257, ..., 65535
+    (tmp_path / "deep").mkdir()
+    PIL.Image.fromarray(levels).save(tmp_path / "deep" / "a.png")
+    expected = torch.from_numpy(levels.astype(np.float64) / 65535).float()[None, None]
+    for resolution in (None, 4):
+        torch.testing.assert_close(next(image_batches(tmp_path / "deep", resolution=resolution)), expected)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_a_32_bit_image_in_an_image_folder_is_refused_naming_it(mode, tmp_path):
+    (tmp_path / "deep").mkdir()
+    values = np.full((4, 4), 70000, np.int32) if mode == "I" else np.full((4, 4), 0.5, np.float32)
+    PIL.Image.fromarray(values).save(tmp_path / "deep" / "a.tif")
+    for resolution in (None, 4):
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'deep' / 'a.tif'}.*PIL mode '{mode}'"):
+            next(image_batches(tmp_path / "deep", resolution=resolution))
 
 
 def test_a_reference_folder_is_cropped_to_the_samples_resolution(tmp_path):
@@ -283,13 +405,32 @@ def test_the_cli_evaluates_digit_pngs_against_a_digit_folder_offline(tmp_path, n
     assert (tmp_path / "fid.json").is_file()
 
 
+@pytest.mark.parametrize("reference", ["batch.npz", "folder"])
+def test_the_cli_saves_digits_reference_statistics_with_an_empty_classifier_cache(reference, tmp_path, no_network):
+    # The first use of the digits features trains the classifier, here inside compute_statistics' torch.no_grad.
+    images = features_module._digits_tensors(8, "train", seed=0)[0][:40].mul(255).round().byte()
+    if reference == "folder":
+        (tmp_path / "folder").mkdir()
+        for i, image in enumerate(images[:, 0].numpy()):
+            PIL.Image.fromarray(image).save(tmp_path / "folder" / f"{i:04d}.png")
+    else:
+        _write_npz(tmp_path / reference, images)
+    argv = ["--reference", str(tmp_path / reference), "--feature_extractor", "digits", "--save_reference_statistics"]
+    evaluate_fid.main(argv + [str(tmp_path / "real.npz"), "--cache_dir", str(tmp_path / "empty-cache")])
+    saved = FeatureStatistics.load(tmp_path / "real.npz")
+    expected = compute_statistics(tmp_path / reference, "digits", cache_dir=tmp_path / "empty-cache")  # cached now
+    assert saved.num_images == 40 and saved.feature_extractor == "digits-classifier-v1-r8-s0"
+    np.testing.assert_allclose(saved.mu, expected.mu, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [
         (["--samples", "x.npz"], "--reference"),
         (["--samples", "{tmp}", "--reference", "{tmp}", "--reference_dataset", "d"], "--reference"),
         (["--reference", "{tmp}"], "--samples"),
-        (["--samples", "{tmp}/missing.npz", "--reference", "{tmp}"], "--samples"),
+        (["--samples", "{tmp}/missing.npz", "--reference", "{tmp}"], "--samples: no such file or folder"),
+        (["--samples", "{tmp}", "--reference_dataset", "./missing"], "--reference_dataset: no such file or folder"),
         (["--samples", "{tmp}", "--reference", "{tmp}", "--batch_size", "0"], "--batch_size"),
         (["--samples", "{tmp}", "--reference", "{tmp}", "--inception_weights", "{tmp}/w.pth"], "--inception_weights"),
         (["--reference_dataset", "d", "--save_reference_statistics", "s.npz"], "--resolution"),

@@ -174,6 +174,32 @@ def test_from_pretrained_without_flag_refuses_foreign_code_in_a_folder(saved, tm
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", ['{"_class_name": ', '["not", "an", "object"]'], ids=["not-json", "a-list"])
+def test_a_damaged_model_index_is_refused_in_one_line_naming_it(saved, tmp_path, content):
+    folder = _copy(saved, tmp_path / "pipe")
+    (folder / "model_index.json").write_text(content)
+    with pytest.raises(ValueError, match=r"pipe/model_index.json is (damaged|not a pipeline index)") as error:
+        MaskDiTPipeline.from_pretrained(folder)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_hub_repo_with_a_damaged_model_index_is_refused_naming_it(hub, saved, tmp_path):
+    folder = _copy(saved, tmp_path / "pipe")
+    (folder / "model_index.json").write_text('{"_class_name": ')
+    hub.add_folder(REPO, folder)
+    script = f"""
+        from diffusers_masked import MaskDiTPipeline
+        try:
+            MaskDiTPipeline.from_pretrained({REPO!r})
+        except ValueError as error:
+            assert "model_index.json is damaged" in str(error) and "\\n" not in str(error), error
+            print("DONE")
+    """
+    run_fresh(script, hub, tmp_path / "home")
+    assert not any(path.endswith(".safetensors") for _, path in hub.requests)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", ATTACKS[:2], ids=lambda f: f.__name__.strip("_"))
 def test_from_pretrained_without_flag_refuses_foreign_code_in_a_hub_repo(hub, saved, tmp_path, attack):

@@ -6,9 +6,17 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+)
 
-from diffusers_masked import MaskDMPipeline
+from diffusers_masked import EDMHeunScheduler, MaskDMPipeline
 from tests.launch import assert_loads_in_a_fresh_process
 from tests.tiny import tiny_transformer, tiny_uvit
 
@@ -108,6 +116,10 @@ def test_defaults_are_the_official_evaluation_settings():
         "generator": None,
         "output_type": "pil",
         "return_dict": True,
+        "num_images_per_prompt": 1,
+        "latents": None,
+        "callback_on_step_end": None,
+        "callback_on_step_end_tensor_inputs": ("latents",),
     }
     scheduler = MaskDMPipeline.default_scheduler()
     assert isinstance(scheduler, DDIMScheduler)
@@ -418,3 +430,145 @@ def test_fresh_process_loads_both_ways_and_generates_the_same_images(pipe32, tmp
         "class_labels=[1, 3], guidance_scale=2.0, num_inference_steps=4",
         _run(pipe32, class_labels=[1, 3], guidance_scale=2.0),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class labels in any int-like shape, as diffusers' DiTPipeline and its PipelineTesterMixin batch them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[[1], [3]], torch.tensor([[1], [3]]), np.array([1, 3]), np.array([[1], [3]]), [np.int64(1), np.int64(3)], (1, 3)],
+    ids=["nested-list", "tensor-Bx1", "numpy", "numpy-Bx1", "numpy-ints", "tuple"],
+)
+def test_class_labels_in_any_int_like_shape_give_the_images_of_the_flat_list(pipe, labels):
+    torch.testing.assert_close(_run(pipe, class_labels=labels), _run(pipe, class_labels=[1, 3]))
+
+
+@pytest.mark.parametrize(
+    "labels,error,match",
+    [
+        ([[1.0]], TypeError, r"int ids in \[0, 4\), got 1.0"),
+        (torch.tensor([[0.0], [1.0]]), TypeError, r"int ids in \[0, 4\)"),
+        (np.array([True]), TypeError, r"int ids in \[0, 4\), got True"),
+        ([False], TypeError, r"int ids in \[0, 4\)"),
+        (["cat"], TypeError, r"int ids in \[0, 4\), got 'cat'"),  # MaskDMPipeline has no label names
+        (torch.tensor([[NUM_CLASSES]]), ValueError, r"out of range: class_labels must be int ids in \[0, 4\)"),
+    ],
+)
+def test_labels_that_are_not_int_ids_are_refused_with_the_allowed_values(pipe, labels, error, match):
+    with mock.patch.object(pipe.transformer, "forward") as forward, pytest.raises(error, match=match):
+        _run(pipe, class_labels=labels)
+    forward.assert_not_called()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# num_images_per_prompt, latents and generators, as in diffusers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_num_images_per_prompt_repeats_each_label_next_to_each_other(pipe):
+    images, trajectory = _run_recording(pipe, class_labels=[1, 3], num_images_per_prompt=2, guidance_scale=2.0)
+    expected_images, expected_trajectory = _manual_loop(
+        pipe.transformer, MaskDMPipeline.default_scheduler(), 4, 0, 4, torch.tensor([1, 1, 3, 3]), 2.0, eta=1.0
+    )
+    _assert_same_trajectory(trajectory, expected_trajectory)
+    torch.testing.assert_close(images, expected_images)
+
+
+def test_num_images_per_prompt_multiplies_the_batch_size_of_an_unconditional_model(uncond_pipe):
+    torch.testing.assert_close(
+        _run(uncond_pipe, batch_size=2, num_images_per_prompt=3), _run(uncond_pipe, batch_size=6)
+    )
+
+
+def test_a_generator_list_has_one_generator_per_image_after_num_images_per_prompt(uncond_pipe):
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 6 images"):
+        _run(uncond_pipe, batch_size=2, num_images_per_prompt=3, generator=[torch.Generator()] * 2)
+
+
+@pytest.mark.parametrize("value", [0, 2.0, False])
+def test_num_images_per_prompt_must_be_a_positive_int(pipe, value):
+    with pytest.raises(ValueError, match="num_images_per_prompt must be an int >= 1"):
+        _run(pipe, class_labels=[1], num_images_per_prompt=value)
+
+
+def test_given_latents_replace_the_drawn_noise_scaled_by_init_noise_sigma(pipe):
+    """Euler's init_noise_sigma is far from DDIM's 1: the latents given are standard-normal noise that the pipeline
+    scales, as the written-out loop scales the noise it draws (from the same generator, which then draws the rest)."""
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.init_noise_sigma > 100
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, *SHAPE, generator=generator, dtype=DTYPE)
+    images, trajectory = _run_recording(
+        pipe, class_labels=[0, 2], guidance_scale=1.5, num_inference_steps=3, latents=noise, generator=generator
+    )
+    expected_images, expected_trajectory = _manual_loop(
+        pipe.transformer,
+        EulerDiscreteScheduler.from_config(pipe.scheduler.config),
+        2,
+        0,
+        3,
+        torch.tensor([0, 2]),
+        1.5,
+    )
+    _assert_same_trajectory(trajectory, expected_trajectory)
+    torch.testing.assert_close(images, expected_images)
+
+
+@pytest.mark.parametrize("latents", [torch.randn(1, *SHAPE), torch.randn(2, 3, 8, 4), np.zeros((2, *SHAPE))])
+def test_latents_of_another_shape_are_refused(pipe, latents):
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 3, 8, 8\)"):
+        _run(pipe, class_labels=[0, 2], latents=latents)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# callback_on_step_end, as in diffusers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_callback_on_step_end_sees_every_step_and_the_latents_it_returns_replace_the_current_ones(pipe):
+    replacement = torch.full((2, *SHAPE), 0.25, dtype=DTYPE)
+    calls = []
+
+    def callback(pipeline, step_index, timestep, callback_kwargs):
+        calls.append((step_index, int(timestep), callback_kwargs["latents"].shape))
+        return {"latents": replacement} if step_index == 0 else callback_kwargs
+
+    _, trajectory = _run_recording(pipe, class_labels=[0, 2], num_inference_steps=3, callback_on_step_end=callback)
+    scheduler = MaskDMPipeline.default_scheduler()
+    scheduler.set_timesteps(3)
+    assert calls == [(i, int(t), (2, *SHAPE)) for i, t in enumerate(scheduler.timesteps)]
+    torch.testing.assert_close(trajectory[1], replacement)  # DDIM's scale_model_input is the identity
+
+
+def test_callback_on_step_end_tensor_inputs_must_be_the_pipelines(pipe):
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs must be names from \['latents'\]"):
+        _run(pipe, class_labels=[0], callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["x"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results that are not finite
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_guidance_scale_that_overflows_raises_instead_of_returning_nan_images(pipe32):
+    # 1e308 is finite, so it passes the argument check, but not representable in float32: every image was NaN.
+    with pytest.raises(FloatingPointError, match=r"NaN or inf .* Likely cause: guidance_scale=1e\+308 is beyond"):
+        _run(pipe32, class_labels=[0, 1], guidance_scale=1e308)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedulers of another parameterisation are refused
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler_cls", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler, EDMHeunScheduler])
+def test_an_edm_scheduler_is_refused_naming_the_ddpm_family(scheduler_cls, pipe):
+    match = rf"MaskDMPipeline cannot sample with {scheduler_cls.__name__}: .*DDIMScheduler, DDPMScheduler"
+    with pytest.raises(ValueError, match=match):
+        MaskDMPipeline(tiny_uvit(scale=0.1, num_classes=0), scheduler_cls())
+    with pytest.raises(ValueError, match=match):
+        pipe.scheduler = scheduler_cls()
+    assert isinstance(pipe.scheduler, DDIMScheduler)

@@ -268,3 +268,39 @@ def test_a_pipeline_that_is_not_ours_needs_trust_remote_code(tmp_path):
 def test_our_pipelines_load_with_their_own_class(maskdit_dir, maskdm_dirs):
     assert type(sampling.load_pipeline(maskdit_dir)) is MaskDiTPipeline
     assert type(sampling.load_pipeline(maskdm_dirs / "classes0")) is MaskDMPipeline
+
+
+# ------------------------------------------------------------------------------------------------ damaged files
+
+
+@pytest.mark.parametrize("content", ['{"seed": ', "[1, 2]"], ids=["not-json", "not-an-object"])
+def test_a_damaged_sampling_config_stops_the_run_naming_the_file(maskdit_dir, tmp_path, content):
+    (tmp_path / "sampling_config.json").write_text(content)
+    with pytest.raises(ValueError, match=r"sampling_config.json is damaged .*sample into another folder") as error:
+        _run(maskdit_dir, tmp_path, "--num_samples", "1")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_a_damaged_model_index_stops_loading_naming_the_file(maskdit_dir, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(maskdit_dir, tmp_path / "pipeline"))
+    (folder / "model_index.json").write_text('{"_class_name": ')
+    with pytest.raises(ValueError, match=r"pipeline/model_index.json is damaged") as error:
+        sampling.load_pipeline(folder)
+    assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------ schedulers
+
+
+def test_the_scheduler_choices_are_those_the_pipeline_itself_accepts(maskdit_dir, maskdm_dirs):
+    maskdit = sampling.load_pipeline(maskdit_dir)
+    maskdm = sampling.load_pipeline(maskdm_dirs / "classes0")
+    assert sampling.compatible_scheduler_names(maskdit) == ["edm_dpmsolver", "edm_euler", "edm_heun"]
+    assert sampling.compatible_scheduler_names(maskdm) == ["ddim", "ddpm", "dpmsolver"]
+    with pytest.raises(ValueError, match="MaskDiTPipeline cannot sample with DDIMScheduler"):
+        sampling.set_scheduler(maskdit, "ddim")
+    with pytest.raises(ValueError, match="MaskDMPipeline cannot sample with EDMHeunScheduler"):
+        sampling.set_scheduler(maskdm, "edm_heun")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffusers_masked.training.checkpoints import TRAINING_STATE_FILE, list_checkpoints
 from diffusers_masked.training.ema import SHARDED_EMA_DIR
+from diffusers_masked.training.outputs import LOCK_FILE
 from tests.launch import assert_same_weights, env, kill_when, launch, launch_cmd, weights
 from tests.tiny import tiny_vae
 
@@ -449,7 +450,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    with open(out / ".lock", "a+") as held:  # what a live run holds
+    with open(out / LOCK_FILE, "a+") as held:  # what a live run holds
         fcntl.flock(held, fcntl.LOCK_EX)
         result = _launch("--output_dir", str(out), "--max_train_steps", "2", check=False)
     assert result.returncode != 0 and "in use by another training run" in result.stderr

@@ -62,9 +62,10 @@ def test_built_in_default_is_both_stages_on_the_digits_and_own_data_gets_the_pap
 
 def test_a_staged_schedule_string_sets_the_stage_one_ratios():
     args = train.parse_args(["--mask_schedule", "0.9@0-20,0.5@20-"])
-    phase = train.stage_phase(args, "pretrain")
+    (phase,) = train.stage_phases(args, "pretrain")
     assert (phase.ratio(19), phase.ratio(20)) == (0.9, 0.5)
-    assert train.stage_phase(args, "finetune").ratio(0) == 0.0
+    (finetune,) = train.stage_phases(args, "finetune")
+    assert finetune.ratio(0) == 0.0
 
 
 @pytest.mark.parametrize(

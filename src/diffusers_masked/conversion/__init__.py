@@ -19,6 +19,7 @@ from .maskdit import (
     convert_maskdit_state_dict,
     maskdit_config_from_state_dict,
     maskdit_scheduler,
+    recorded_model_type,
 )
 from .maskdm import (
     convert_maskdm_checkpoint,
@@ -42,6 +43,7 @@ __all__ = [
     "maskdit_scheduler",
     "maskdm_beta_schedule",
     "maskdm_config_from_state_dict",
+    "recorded_model_type",
     "select_state_dict",
     "split_maskdm_checkpoint",
 ]

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging
 
+from ..utils.safe_loading import check_model_folder, check_path_or_hub_id
+
 logger = logging.get_logger(__name__)
 
 IMAGENET_ID2LABEL_FILE = Path(__file__).parents[1] / "imagenet_id2label.json"
@@ -111,7 +113,8 @@ def load_vae(vae: str | os.PathLike, subfolder: str | None = None, config: str |
     Args:
         vae (`str` or `os.PathLike`): A diffusers model folder or Hub id, or a single LDM-format file (such as the
             official ``autoencoder_kl.pth``), read through [`~diffusers.AutoencoderKL.from_single_file`] (safetensors
-            or `weights_only=True`).
+            or `weights_only=True`). A local path must exist, and a folder's ``config.json`` must name an
+            ``AutoencoderKL``, or nothing is loaded.
         subfolder (`str`, *optional*): The folder inside a Hub repo that holds the VAE (e.g. ``"vae"``).
         config (`str`, *optional*): For a single file: a diffusers config (Hub id or folder) describing it; without
             one diffusers infers the Stable Diffusion v1 autoencoder's config.
@@ -122,7 +125,9 @@ def load_vae(vae: str | os.PathLike, subfolder: str | None = None, config: str |
         kwargs = {"config": config} if config else {}
         if subfolder:
             kwargs["subfolder"] = subfolder
+        check_path_or_hub_id(config, "vae_config")
         return AutoencoderKL.from_single_file(os.fspath(vae), **kwargs)
     if config:
         raise ValueError("config describes a single-file VAE; a folder or Hub id carries its own config")
+    check_model_folder(vae, "AutoencoderKL", subfolder, name="vae", subfolder_name="vae_subfolder")
     return AutoencoderKL.from_pretrained(vae, subfolder=subfolder)

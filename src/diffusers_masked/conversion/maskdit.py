@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
+from diffusers import DiTTransformer2DModel
 
-from ..models.masked_dit import MASKDIT_DECODER, MaskedDiTTransformer2DModel
+from ..models.masked_dit import DIT_ENCODER_SIZES, MASKDIT_DECODER, MaskedDiTTransformer2DModel
 from ..pipelines.pipeline_maskdit import MaskDiTPipeline
 from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
 from ..utils.safe_loading import load_torch_file
@@ -29,6 +31,19 @@ from .common import (
 
 # The SD v1 KL-f8 autoencoder's latent scale; MaskDiT's autoencoder.py decodes z / 0.18215.
 MASKDIT_VAE_SCALING_FACTOR = 0.18215
+
+
+# The official code's encoder sizes (its models/maskdit.py): width and heads of DiT's S, B, L and XL, and its own H.
+OFFICIAL_ENCODER_SIZES = {
+    **{size: (width, heads) for size, (_, width, heads) in DIT_ENCODER_SIZES.items()},
+    "H": (1280, 16),
+}
+# The official decoder, at every size: 512 wide, 16 heads.
+_OFFICIAL_DECODER_WIDTH = (
+    MASKDIT_DECODER["decoder_num_attention_heads"] * MASKDIT_DECODER["decoder_attention_head_dim"]
+)
+# A model type as the official configs and command lines name it: "DiT-XL/2".
+_MODEL_TYPE = re.compile(r"DiT-(S|B|L|XL|H)/(\d+)")
 
 
 # Per-block parameters: timm Attention and Mlp, the adaLN-Zero modulation -> ours.
@@ -57,21 +72,73 @@ def _strip_precond_prefix(state_dict: dict) -> dict:
     return {key[len("model.") :]: value for key, value in state_dict.items()}
 
 
+def recorded_model_type(checkpoint) -> str | None:
+    """
+    The model type (``"DiT-XL/2"``) a training checkpoint records in its pickled ``args``, if it records one.
+
+    Read from what [`~diffusers_masked.utils.safe_loading.load_torch_file`] returned: ``args`` is an inert stub
+    whose ``state`` holds the pickled attributes (or a plain dict); a ``model_type`` or ``model`` attribute naming a
+    DiT size is taken. `None` when there is no ``args`` or it names no model type.
+    """
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    fields = args if isinstance(args, dict) else getattr(args, "state", None)
+    if not isinstance(fields, dict):
+        return None
+    for key in ("model_type", "model"):
+        value = fields.get(key)
+        if isinstance(value, str) and _MODEL_TYPE.fullmatch(value):
+            return value
+    return None
+
+
+def _encoder_heads(width: int, patch_size: int, model_type: str | None) -> int:
+    """The official model's encoder heads: from its model type if one is recorded (which must match the weights),
+    else from the DiT size its width identifies."""
+    flag = "pass num_attention_heads (command line: --num_attention_heads)"
+    if model_type is not None:
+        match = _MODEL_TYPE.fullmatch(model_type)
+        if match is None:
+            raise ValueError(f"model_type must name a DiT size like 'DiT-XL/2' (S, B, L, XL or H), got {model_type!r}")
+        recorded_width, heads = OFFICIAL_ENCODER_SIZES[match.group(1)]
+        if (recorded_width, int(match.group(2))) != (width, patch_size):
+            raise ValueError(
+                f"the checkpoint records model type {model_type!r} ({recorded_width} wide, patch {match.group(2)}), "
+                f"but its weights are {width} wide with patch {patch_size}; if the weights are right, {flag}"
+            )
+        return heads
+    for recorded_width, heads in OFFICIAL_ENCODER_SIZES.values():
+        if recorded_width == width:
+            return heads
+    sizes = ", ".join(f"{size} {w} wide with {h}" for size, (w, h) in OFFICIAL_ENCODER_SIZES.items())
+    raise ValueError(
+        f"the encoder is {width} wide, which is no DiT size ({sizes} heads), and the checkpoint records no model "
+        f"type, so its head count is unknown: {flag}"
+    )
+
+
 def maskdit_config_from_state_dict(
     state_dict: dict[str, torch.Tensor],
-    num_attention_heads: int = 16,
-    decoder_num_attention_heads: int = MASKDIT_DECODER["decoder_num_attention_heads"],
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
+    model_type: str | None = None,
 ) -> dict:
     """
     The [`MaskedDiTTransformer2DModel`] config of an official MaskDiT state dict, read from its shapes.
 
-    Depth, widths, patch size, channels, input size, classes and MLP ratio are in the shapes; the head counts are not,
-    so they are arguments (the paper: 16 for XL/2's encoder and for the decoder).
+    Depth, widths, patch size, channels, input size, classes and MLP ratio are in the shapes; the head counts are not.
+    By default they are the official model's: the encoder's from the recorded ``model_type`` if given (it must match
+    the weights' width and patch), else from the DiT size the width identifies (S: 384 wide, 6 heads; B: 768, 12;
+    L: 1024, 16; XL: 1152, 16; the official code's H: 1280, 16); the decoder's 16 at the official width of 512. A
+    width that identifies no size needs the head count given.
 
     Args:
         state_dict (`dict[str, torch.Tensor]`): The official parameters, with or without EDMPrecond's ``model.``.
-        num_attention_heads (`int`, defaults to 16): Encoder heads.
-        decoder_num_attention_heads (`int`, defaults to 16): Decoder heads.
+        num_attention_heads (`int`, *optional*): Encoder heads.
+        decoder_num_attention_heads (`int`, *optional*): Decoder heads.
+        model_type (`str`, *optional*): The official model type, e.g. ``"DiT-XL/2"`` (see [`recorded_model_type`]).
+
+    Raises:
+        ValueError: if the heads cannot be inferred, or do not divide the width.
     """
     state_dict = _strip_precond_prefix(state_dict)
     needed = ["x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "blocks.0.mlp.fc1.weight"]
@@ -89,6 +156,16 @@ def maskdit_config_from_state_dict(
         raise ValueError(f"final_layer.linear has {out_features} outputs, not a multiple of patch_size**2")
     labels = state_dict.get("y_embedder.embedding_table.weight")
     num_classes = labels.shape[1] if labels is not None else 0
+    if num_attention_heads is None:
+        num_attention_heads = _encoder_heads(width, patch_size, model_type)
+    attention_head_dim = _check_heads(width, num_attention_heads, "num_attention_heads")
+    if decoder_num_attention_heads is None:
+        if decoder_num_layers and decoder_width != _OFFICIAL_DECODER_WIDTH:
+            raise ValueError(
+                f"the decoder is {decoder_width} wide, not the official {_OFFICIAL_DECODER_WIDTH}, so its head count "
+                "is unknown: pass decoder_num_attention_heads (command line: --decoder_num_attention_heads)"
+            )
+        decoder_num_attention_heads = MASKDIT_DECODER["decoder_num_attention_heads"]
     return {
         "sample_size": grid * patch_size,
         "patch_size": patch_size,
@@ -96,7 +173,7 @@ def maskdit_config_from_state_dict(
         "out_channels": out_features // (patch_size * patch_size),
         "num_layers": _num_blocks(state_dict, "blocks"),
         "num_attention_heads": num_attention_heads,
-        "attention_head_dim": _check_heads(width, num_attention_heads, "num_attention_heads"),
+        "attention_head_dim": attention_head_dim,
         "decoder_num_layers": decoder_num_layers,
         "decoder_num_attention_heads": decoder_num_attention_heads,
         "decoder_attention_head_dim": (
@@ -134,8 +211,9 @@ def _official_key_map(config: dict) -> dict[str, str]:
 
 def convert_maskdit_state_dict(
     state_dict: dict[str, torch.Tensor],
-    num_attention_heads: int = 16,
-    decoder_num_attention_heads: int = MASKDIT_DECODER["decoder_num_attention_heads"],
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
+    model_type: str | None = None,
 ) -> MaskedDiTTransformer2DModel:
     """
     Build a [`MaskedDiTTransformer2DModel`] from an official MaskDiT state dict (see
@@ -147,7 +225,7 @@ def convert_maskdit_state_dict(
     becomes the rows of our table with a zero row for the null class (id `num_classes`). A checkpoint trained without
     the MAE loss has no ``mask_token``; the official model then fills removed tokens with zeros, and so does ours.
     """
-    config = maskdit_config_from_state_dict(state_dict, num_attention_heads, decoder_num_attention_heads)
+    config = maskdit_config_from_state_dict(state_dict, num_attention_heads, decoder_num_attention_heads, model_type)
     state_dict = _strip_precond_prefix(state_dict)
     key_map = _official_key_map(config)
     expected = set(key_map) | {"pos_embed"}
@@ -183,8 +261,8 @@ def convert_maskdit_checkpoint(
     checkpoint: str | os.PathLike,
     vae=None,
     weights: str = "ema",
-    num_attention_heads: int = 16,
-    decoder_num_attention_heads: int = MASKDIT_DECODER["decoder_num_attention_heads"],
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
     id2label: dict[int, str] | None = None,
 ) -> MaskDiTPipeline:
     """
@@ -198,12 +276,17 @@ def convert_maskdit_checkpoint(
         vae ([`~diffusers.AutoencoderKL`], *optional*): The autoencoder to decode latents with (see [`load_vae`]);
             its latent space must be the Stable Diffusion one MaskDiT was trained in (4 channels, scale 0.18215).
         weights (`str`, defaults to `"ema"`): ``"ema"`` or ``"model"`` (see [`select_state_dict`]).
-        num_attention_heads (`int`, defaults to 16): Encoder heads (not stored in the checkpoint).
-        decoder_num_attention_heads (`int`, defaults to 16): Decoder heads (not stored in the checkpoint).
+        num_attention_heads (`int`, *optional*): Encoder heads, which the weights do not store; by default from the
+            model type a training checkpoint records (``args.model_type``), else from the DiT size of the width (see
+            [`maskdit_config_from_state_dict`]).
+        decoder_num_attention_heads (`int`, *optional*): Decoder heads; by default the official decoder's 16.
         id2label (`dict[int, str]`, *optional*): Class names; defaults to ImageNet's for a 1000-class model.
     """
-    state_dict = select_state_dict(load_torch_file(checkpoint), weights)
-    transformer = convert_maskdit_state_dict(state_dict, num_attention_heads, decoder_num_attention_heads)
+    loaded = load_torch_file(checkpoint)
+    state_dict = select_state_dict(loaded, weights)
+    transformer = convert_maskdit_state_dict(
+        state_dict, num_attention_heads, decoder_num_attention_heads, recorded_model_type(loaded)
+    )
     if vae is not None:
         if vae.config.latent_channels != transformer.config.in_channels:
             raise ValueError(
@@ -264,6 +347,8 @@ def convert_dit_transformer(
         decoder_num_attention_heads (`int`, defaults to 16): Heads of the new decoder.
         decoder_attention_head_dim (`int`, defaults to 32): Head width of the new decoder.
     """
+    if not isinstance(dit, DiTTransformer2DModel):
+        raise TypeError(f"dit must be a diffusers DiTTransformer2DModel, got {type(dit).__name__}")
     config = dit.config
     if config.norm_type != "ada_norm_zero" or config.activation_fn != "gelu-approximate":
         raise ValueError(

@@ -250,6 +250,10 @@ def _new_digits_classifier(resolution: int, seed: int) -> DigitsClassifier:
         return DigitsClassifier(resolution)
 
 
+# `get_digits_classifier` is reached from inside `torch.no_grad` and `torch.inference_mode` (`compute_statistics`, an
+# evaluation loop), and its first call trains: gradients are on here whatever the caller's mode.
+@torch.inference_mode(False)
+@torch.enable_grad()
 def _train_digits_classifier(resolution: int, seed: int) -> tuple[DigitsClassifier, float]:
     """Train on the digits' ``"train"`` split; return the classifier and its accuracy on ``"heldout"``."""
     images, labels = _digits_tensors(resolution, "train", seed)
@@ -403,7 +407,7 @@ def get_feature_extractor(
         return InceptionFeatureExtractor(resolve_inception_weights(inception_weights_path, allow_download))
     if feature_extractor == "digits":
         if resolution is None:
-            raise ValueError('feature_extractor="digits" needs the images\' resolution')
+            raise ValueError('feature_extractor="digits" needs the images\' resolution (command line: --resolution)')
         extractor = DigitsFeatureExtractor(get_digits_classifier(resolution=resolution, cache_dir=cache_dir))
         extractor.name = f"digits-classifier-v{_CLASSIFIER_VERSION}-r{resolution}-s0"
         return extractor

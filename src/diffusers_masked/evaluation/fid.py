@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +24,16 @@ from torch import nn
 
 from ..utils.io import atomic_write
 from .features import DEFAULT_CACHE_DIR, _extractor_name, _single_threaded, get_feature_extractor
-from .images import _check_images, _image_files, image_batches
+from .images import _NPZ_ERRORS, _check_images, _damaged_npz, _image_files, image_batches
+
+logger = logging.getLogger(__name__)
+
+# How far loaded statistics may be from a covariance before they are refused, relative to sigma's largest entry
+# (symmetry) and largest eigenvalue (negative eigenvalues). A covariance computed in float64 and stored in float32
+# stays exactly symmetric and, even when singular (fewer images than features), has no eigenvalue below about -1e-5
+# of the largest; anything further off is not a covariance.
+SYMMETRY_RTOL = 1e-6
+PSD_RTOL = 1e-4
 
 
 @dataclass
@@ -60,16 +70,49 @@ class FeatureStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStatistics:
-        """Read ``mu`` and ``sigma`` (ADM's reference files, or `save`'s), without unpickling anything."""
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} holds no reference statistics (mu, sigma); it has {sorted(data.keys())}")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            num_images = int(data["num_images"]) if "num_images" in data else None
-            name = str(data["feature_extractor"]) if "feature_extractor" in data else None
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+        """Read ``mu`` and ``sigma`` (ADM's reference files, or `save`'s), without unpickling anything.
+
+        Raises:
+            ValueError: naming the file, if it is truncated or damaged, or its statistics are not those of a Gaussian:
+                ``mu`` not ``(d,)`` or ``sigma`` not ``(d, d)``, a value not finite, or ``sigma`` not symmetric
+                positive semi-definite (up to `SYMMETRY_RTOL` and `PSD_RTOL`).
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "mu" not in data or "sigma" not in data:
+                    raise ValueError(f"{path} holds no reference statistics (mu, sigma); it has {sorted(data.keys())}")
+                mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+                num_images = int(data["num_images"]) if "num_images" in data else None
+                name = str(data["feature_extractor"]) if "feature_extractor" in data else None
+        except _NPZ_ERRORS as err:
+            raise ValueError(_damaged_npz(path, err)) from err
+        problem = _not_a_gaussian(mu, sigma)
+        if problem:
+            raise ValueError(
+                f"{path} holds invalid reference statistics: {problem}; compute them again (e.g. examples/"
+                "evaluate_fid.py --reference REAL_IMAGES --save_reference_statistics FILE)"
+            )
         return cls(mu, sigma, num_images, name)
+
+
+def _not_a_gaussian(mu: np.ndarray, sigma: np.ndarray) -> str:
+    """What makes ``(mu, sigma)`` not the mean and covariance of a Gaussian; an empty string if nothing does."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        return f"mu must be (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}"
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(value).all():
+            return f"{name} has {int((~np.isfinite(value)).sum())} values that are NaN or infinite"
+    scale = np.abs(sigma).max()
+    asymmetry = np.abs(sigma - sigma.T).max()
+    if asymmetry > SYMMETRY_RTOL * scale:
+        return f"sigma is not symmetric (largest |sigma - sigma^T| is {asymmetry:.3g}, largest |sigma| {scale:.3g})"
+    eigenvalues = np.linalg.eigvalsh(sigma)
+    if eigenvalues[0] < -PSD_RTOL * max(eigenvalues[-1], 0.0):
+        return (
+            f"sigma is not positive semi-definite (its smallest eigenvalue is {eigenvalues[0]:.3g}, its largest "
+            f"{eigenvalues[-1]:.3g})"
+        )
+    return ""
 
 
 class _StatisticsAccumulator:
@@ -260,8 +303,11 @@ def reference_statistics(
     if reference is not None:
         path = Path(reference)
         if path.is_file() and path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                keys = set(data.keys())
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    keys = set(data.keys())
+            except _NPZ_ERRORS as err:
+                raise ValueError(_damaged_npz(path, err)) from err
             if {"mu", "sigma"} <= keys:
                 return FeatureStatistics.load(path)
             if "arr_0" in keys:
@@ -272,6 +318,8 @@ def reference_statistics(
         if not path.is_dir():
             raise ValueError(f"reference {str(reference)!r} is neither an .npz file nor a folder of images")
         source = {"folder": str(path.resolve()), "files": _source_fingerprint(path)}
+        # Without a resolution the images keep their own size, which the first one tells (for the digits features).
+        side = resolution or next(image_batches(path, 1, num_channels=num_channels)).shape[-1]
 
         def compute():
             return compute_statistics(path, resolution=resolution, num_channels=num_channels, **common)
@@ -304,7 +352,9 @@ def reference_statistics(
         def compute():
             return compute_statistics(batches(), **common)
 
-    extractor = get_feature_extractor(feature_extractor, resolution, cache_dir, inception_weights_path, allow_download)
+        side = resolution
+
+    extractor = get_feature_extractor(feature_extractor, side, cache_dir, inception_weights_path, allow_download)
     name = _extractor_name(extractor)
     common["feature_extractor"] = extractor
     if name is None:
@@ -314,7 +364,10 @@ def reference_statistics(
     cached = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser() / "fid-statistics"
     cached = cached / f"{digest}.npz"
     if cached.is_file():
-        return FeatureStatistics.load(cached)
+        try:
+            return FeatureStatistics.load(cached)
+        except ValueError as err:
+            logger.warning(f"Ignoring unusable cached reference statistics ({err}); computing them again")
     statistics = compute()
     statistics.save(cached)
     return statistics
@@ -360,7 +413,12 @@ def evaluate_samples(
         inception_weights_path=inception_weights_path,
         allow_download=allow_download,
     )
-    first = next(image_batches(samples, batch_size=2))
+    batches = image_batches(samples, batch_size)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"{samples} holds no images" if isinstance(samples, (str, os.PathLike)) else "no samples")
+    if not isinstance(samples, (str, os.PathLike, torch.Tensor)):
+        samples = _chain(first, batches)  # an iterator is read once: go on from the batch already read
     resolution, channels = first.shape[-1], first.shape[1]
     extractor = get_feature_extractor(feature_extractor, resolution, cache_dir, inception_weights_path, allow_download)
     if inception_score_splits is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from ..data import ImageTransform, open_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+# What reading a truncated or overwritten .npz raises: no zip directory, a bad CRC, a bad deflate stream, a short read.
+_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 
 
 def images_to_tensor(images: torch.Tensor | np.ndarray | Iterable[PIL.Image.Image]) -> torch.Tensor:
@@ -34,7 +40,7 @@ def images_to_tensor(images: torch.Tensor | np.ndarray | Iterable[PIL.Image.Imag
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
     arrays = []
     for image in images:
-        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = np.asarray(open_image(image), dtype=np.float32) / 255.0
         arrays.append(array[..., None] if array.ndim == 2 else array)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
@@ -65,36 +71,59 @@ def _to_gray(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return images
 
 
+def _damaged_npz(path: str | os.PathLike, err: Exception) -> str:
+    """The message for an ``.npz`` that cannot be read: one line naming the file."""
+    return f"{path} is not a readable .npz file: truncated or damaged ({type(err).__name__}: {err}); write it again"
+
+
+def _read_npy_header(f, path: Path, key: str) -> tuple[tuple, bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read_header(f)
+    except (*_NPZ_ERRORS, ValueError) as err:  # numpy says ValueError for a header cut short
+        raise ValueError(_damaged_npz(f"{path}[{key!r}]", err)) from err
+
+
 def _npz_uint8_batches(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
-    """Batches of the uint8 array `key` of an ``.npz`` (compressed or not), read without loading all of it."""
-    with zipfile.ZipFile(path) as archive:
-        member = f"{key}.npy"
-        if member not in archive.namelist():
-            keys = sorted(n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy"))
-            raise ValueError(f"{path} has no {key!r} array (it has {keys})")
-        with archive.open(member) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = read_header(f)
-            if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
-                raise ValueError(
-                    f"{path}[{key!r}] must be uint8 images (N, H, W, 1 or 3) as ADM's reference batches are, got "
-                    f"{dtype} {shape}"
-                )
-            per_image = int(np.prod(shape[1:]))
-            for start in range(0, shape[0], batch_size):
-                count = min(batch_size, shape[0] - start)
-                yield np.frombuffer(f.read(count * per_image), dtype=np.uint8).reshape(count, *shape[1:])
+    """Batches of the uint8 array `key` of an ``.npz`` (compressed or not), read without loading all of it.
+
+    Raises:
+        ValueError: naming the file, if it is truncated or damaged, has no `key`, holds no images or other arrays.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = f"{key}.npy"
+            if member not in archive.namelist():
+                keys = sorted(n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy"))
+                raise ValueError(f"{path} has no {key!r} array (it has {keys})")
+            with archive.open(member) as f:
+                shape, fortran_order, dtype = _read_npy_header(f, path, key)
+                if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran_order:
+                    raise ValueError(
+                        f"{path}[{key!r}] must be uint8 images (N, H, W, 1 or 3) as ADM's reference batches are, got "
+                        f"{dtype} {shape}"
+                    )
+                if shape[0] == 0:
+                    raise ValueError(f"{path}[{key!r}] holds no images (its shape is {shape})")
+                per_image = int(np.prod(shape[1:]))
+                for start in range(0, shape[0], batch_size):
+                    count = min(batch_size, shape[0] - start)
+                    data = f.read(count * per_image)
+                    if len(data) != count * per_image:
+                        raise EOFError(f"{key}.npy ends after {start * per_image + len(data)} of its bytes")
+                    yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+    except _NPZ_ERRORS as err:
+        raise ValueError(_damaged_npz(path, err)) from err
 
 
 def npz_image_count(path: str | os.PathLike, key: str = "arr_0") -> int:
     """The number of images in ``path[key]`` (read from the array header only)."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return int(read_header(f)[0][0])
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+            return int(_read_npy_header(f, Path(path), key)[0][0])
+    except _NPZ_ERRORS as err:
+        raise ValueError(_damaged_npz(path, err)) from err
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -105,21 +134,19 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _load_image(path: Path, resolution: int | None, num_channels: int | None) -> np.ndarray:
-    """One image file as uint8 ``(H, W, C)``; center-cropped and resized to ``resolution`` when given."""
-    if resolution is not None:
-        from ..data import ImageTransform
+    """One image file as uint8 ``(H, W, C)``; center-cropped and resized to ``resolution`` when given.
 
-        image = PIL.Image.open(path)
-        channels = num_channels or (1 if image.mode in ("L", "I", "I;16", "1") else 3)
+    Decoded as the training data is (`open_image`: 16-bit images scaled to 8 bits, 32-bit ones refused by name).
+    """
+    image = open_image(path)
+    channels = num_channels or (1 if image.mode in ("1", "L") else 3)
+    if resolution is not None:
         # ImageTransform is the crop of the training data; its [-1, 1] floats map back to the exact uint8 values.
         array = ImageTransform(resolution, num_channels=channels)(image).permute(1, 2, 0).numpy()
         return np.round((array + 1) * 127.5).astype(np.uint8)
-    with PIL.Image.open(path) as image:
-        if num_channels == 1 or (num_channels is None and image.mode in ("L", "1")):
-            array = np.asarray(image.convert("L"))[..., None]
-        else:
-            array = np.asarray(image.convert("RGB"))
-    return array
+    if channels == 1:
+        return np.asarray(image.convert("L"))[..., None]
+    return np.asarray(image.convert("RGB"))
 
 
 def image_batches(

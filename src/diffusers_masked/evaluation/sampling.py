@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 
 from ..utils.io import atomic_write
+from ..utils.safe_loading import read_json
 
 CONFIG_NAME = "sampling_config.json"
 OUTPUT_FORMATS = ("npz", "png", "both")
@@ -89,16 +90,23 @@ def load_pipeline(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
     ``trust_remote_code=True``, through `DiffusionPipeline.from_pretrained`, which runs the repo's code.
 
     Raises:
-        ValueError: the folder or repo holds another pipeline and ``trust_remote_code`` is `False`.
+        ValueError: the folder or repo holds another pipeline and ``trust_remote_code`` is `False`, or its
+            ``model_index.json`` is missing or damaged.
     """
     from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
 
     from ..pipelines.pipeline_maskdit import MaskDiTPipeline
     from ..pipelines.pipeline_maskdm import MaskDMPipeline
+    from ..pipelines.pipeline_utils import read_model_index
 
     ours = {cls.__name__: cls for cls in (MaskDiTPipeline, MaskDMPipeline)}
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-    index = DiffusionPipeline.load_config(str(name_or_path), **hub_kwargs)
+    if os.path.isdir(name_or_path):
+        index_file = Path(name_or_path) / "model_index.json"
+    else:
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        index_file = hf_hub_download(str(name_or_path), "model_index.json", **hub_kwargs)
+    index = read_model_index(index_file)
     class_name = index.get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
     if class_name in ours:
@@ -113,28 +121,52 @@ def load_pipeline(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
     return DiffusionPipeline.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
 
 
-def set_scheduler(pipeline, name: str) -> None:
-    """Swap the pipeline's scheduler for one of `SCHEDULERS` by name, built from the current one's config.
-
-    ``"dpmsolver"`` is `MaskDMPipeline.dpm_solver_scheduler`: DPM-Solver++ with x0 clipped to [-1, 1], without
-    which an epsilon model's samples are noise."""
+def scheduler_class(name: str) -> type:
+    """The scheduler class of `SCHEDULERS[name]`."""
     import importlib
 
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+    module, class_name = SCHEDULERS[name].split(":")
+    return getattr(importlib.import_module(module), class_name)
+
+
+def compatible_scheduler_names(pipeline) -> list[str]:
+    """The names in `SCHEDULERS` that `pipeline` samples with: for our pipelines those its
+    `is_compatible_scheduler` accepts (the check the pipeline itself makes when a scheduler is set), for any other
+    pipeline all of them."""
+    is_compatible = getattr(type(pipeline), "is_compatible_scheduler", None)
+    return sorted(name for name in SCHEDULERS if is_compatible is None or is_compatible(scheduler_class(name)))
+
+
+def set_scheduler(pipeline, name: str) -> None:
+    """Swap the pipeline's scheduler for one of `SCHEDULERS` by name, built from the current one's config; our
+    pipelines refuse one of the other parameterisation (`MaskedDiffusionPipeline.check_scheduler`).
+
+    ``"dpmsolver"`` is `MaskDMPipeline.dpm_solver_scheduler`: DPM-Solver++ with x0 clipped to [-1, 1], without
+    which an epsilon model's samples are noise."""
     if name == "dpmsolver":
         from ..pipelines.pipeline_maskdm import MaskDMPipeline
 
         pipeline.scheduler = MaskDMPipeline.dpm_solver_scheduler(pipeline.scheduler.config)
-        return
-    module, class_name = SCHEDULERS[name].split(":")
-    scheduler_cls = getattr(importlib.import_module(module), class_name)
-    pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+    else:
+        pipeline.scheduler = scheduler_class(name).from_config(pipeline.scheduler.config)
 
 
 def read_config(output_dir: str | os.PathLike) -> dict | None:
+    """The settings recorded in `output_dir` (`None` for a new folder).
+
+    Raises:
+        ValueError: naming the file, if it is damaged (not JSON, or not a JSON object).
+    """
     path = Path(output_dir) / CONFIG_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    hint = "it records the settings of the samples in this folder; restore it, or sample into another folder"
+    config = read_json(path, hint=hint)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(config).__name__}, not an object); {hint}")
+    return config
 
 
 def check_resume(output_dir: str | os.PathLike, config: dict) -> str | None:

@@ -3,21 +3,33 @@ scheduler."""
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
+from collections.abc import Callable, Sequence
 
+import diffusers
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.schedulers import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
 
 from ..models.masked_dit import MaskedDiTTransformer2DModel
 from ..models.masked_uvit import MaskedUViTTransformer2DModel
-from .pipeline_utils import MaskedDiffusionPipeline
+from ..schedulers.masked_training import EDM_SCHEDULERS
+from .pipeline_utils import MaskedDiffusionPipeline, check_guidance_scale, check_positive_int, class_label_ids
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@functools.cache
+def ddpm_schedulers() -> tuple[type[SchedulerMixin], ...]:
+    """diffusers' schedulers for discrete-time DDPM models (its `KarrasDiffusionSchedulers`, which `DDPMScheduler`
+    lists as compatible) less the EDM ones, which that list also holds but which sample in sigma space with EDM
+    preconditioning."""
+    classes = (getattr(diffusers, scheduler.name) for scheduler in KarrasDiffusionSchedulers)
+    return tuple(cls for cls in classes if not issubclass(cls, EDM_SCHEDULERS))
 
 
 class MaskDMPipeline(MaskedDiffusionPipeline):
@@ -31,6 +43,9 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
     through `from_config`; for few-step sampling use [`~MaskDMPipeline.dpm_solver_scheduler`] (DPM-Solver++ with x0
     clipped as DDIM's), not a bare `DPMSolverMultistepScheduler.from_config`, whose unclipped x0 ruins the samples.
 
+    An EDM scheduler is refused (see [`~MaskedDiffusionPipeline.check_scheduler`]): it works in sigma space with EDM
+    preconditioning, not on the DDPM steps the transformer is trained on.
+
     Args:
         transformer ([`MaskedUViTTransformer2DModel`] or [`MaskedDiTTransformer2DModel`]): The noise predictor,
             working on images in [-1, 1].
@@ -40,7 +55,19 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
     model_cpu_offload_seq = "transformer"
     _shim_module = "pipeline_maskdm"
     _model_card_tags = ["maskdm", "pixel-space"]
-    _paper = "https://arxiv.org/abs/2306.11363"
+    _paper = (
+        "MaskDM, Lei et al. 2023, "
+        "[*Masked Diffusion Models Are Fast Distribution Learners*](https://arxiv.org/abs/2306.11363)"
+    )
+    _scheduler_requirement = (
+        "the transformer predicts the noise of a discrete-time DDPM at integer steps t in [0, num_train_timesteps), "
+        "which a scheduler working in sigma space with EDM preconditioning does not sample."
+    )
+    _scheduler_fix = (
+        "Use `MaskDMPipeline.default_scheduler(config)` (DDIM, x0 clipped) or "
+        "`MaskDMPipeline.dpm_solver_scheduler(config)`; pass `scheduler=...` to `from_pretrained` for a folder whose "
+        "model_index.json names another."
+    )
 
     def __init__(
         self,
@@ -83,9 +110,10 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
             sample_max_value=float(base.get("clip_sample_range", 1.0)),
         )
 
-    @property
-    def num_classes(self) -> int:
-        return self.transformer.config.num_classes
+    @classmethod
+    def compatible_schedulers(cls) -> tuple[type[SchedulerMixin], ...]:
+        """diffusers' DDPM-family schedulers ([`ddpm_schedulers`]): DDIM, DDPM, DPM-Solver, Euler, ..."""
+        return ddpm_schedulers()
 
     def _usage_example(self) -> str:
         if self.num_classes:
@@ -96,33 +124,25 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
         size = self.transformer.config.sample_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
-    def _check_inputs(self, batch_size, class_labels, guidance_scale, num_inference_steps, eta, output_type):
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    def check_inputs(
+        self, batch_size, class_labels, guidance_scale, num_inference_steps, num_images_per_prompt, eta, output_type
+    ) -> None:
+        """Refuse bad arguments before anything is drawn, with a `ValueError` that names the argument and the allowed
+        values (the labels themselves are checked by [`~pipeline_utils.class_label_ids`])."""
+        check_positive_int("num_inference_steps", num_inference_steps)
         num_train_timesteps = self.scheduler.config.get("num_train_timesteps")
         if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps must be at most the scheduler's num_train_timesteps={num_train_timesteps}, "
                 f"got {num_inference_steps}"
             )
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-            or guidance_scale < 0
-        ):
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_guidance_scale(guidance_scale)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
             raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-
+        check_positive_int("batch_size", batch_size)
         if self.num_classes == 0:
             if class_labels is not None:
                 raise ValueError("class_labels were given but the transformer is unconditional (num_classes=0)")
@@ -131,51 +151,39 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
                     f"guidance_scale applies to class-conditional transformers only; this one is unconditional "
                     f"(num_classes=0), so leave guidance_scale at 1.0 (got {guidance_scale})"
                 )
-            return None, batch_size
-        if class_labels is None:
+        elif class_labels is None:
             raise ValueError(
                 f"class_labels are required by this class-conditional transformer: ids in [0, {self.num_classes}), "
                 "one image each (guidance_scale=0 samples the null class alone)"
             )
-        if isinstance(class_labels, torch.Tensor):
-            if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.ndim > 1:
-                raise TypeError(f"class_labels must be integer ids, got a {class_labels.dtype} tensor")
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, int):
-            class_labels = [class_labels]
-        labels = list(class_labels)
-        if not labels:
-            raise ValueError("class_labels must not be empty")
-        for label in labels:
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise TypeError(f"class_labels must be int ids, got {label!r}")
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"class label {label} is out of range: ids must be in [0, {self.num_classes})")
-        if batch_size not in (1, len(labels)):
-            raise ValueError(
-                f"with class_labels the batch is one image per label ({len(labels)}); leave batch_size at 1 or set it "
-                f"to {len(labels)}, got {batch_size}"
-            )
-        return labels, len(labels)
 
     @torch.no_grad()
     def __call__(
         self,
         batch_size: int = 1,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | Sequence[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         num_inference_steps: int = 250,
         eta: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[MaskedDiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         r"""
         Args:
             batch_size (`int`, defaults to 1): Number of images from an unconditional transformer. With
-                `class_labels` the batch is one image per label.
-            class_labels (`int`, a list of them or a `torch.Tensor`, *optional*): Class ids in `[0, num_classes)`,
-                required by (and only for) a class-conditional transformer.
+                `class_labels` the batch is one image per label (`batch_size` may then only be 1 or their number).
+            class_labels (`int`, a list of them, a `torch.Tensor` or numpy array of ints, *optional*): Class ids in
+                `[0, num_classes)`, in any shape that flattens to one per image (`[3, 7]`, `[[3], [7]]`, a `(B, 1)`
+                tensor), as diffusers' `DiTPipeline` takes them; required by (and only for) a class-conditional
+                transformer.
             guidance_scale (`float`, defaults to 1.0): Classifier-free guidance scale `s`: the noise prediction is
                 `uncond + s * (cond - uncond)`, the unconditional branch using the null class `num_classes`. At 1 the
                 conditional prediction is used alone (one pass); 0 samples the null class. The official code's
@@ -184,48 +192,62 @@ class MaskDMPipeline(MaskedDiffusionPipeline):
                 `num_train_timesteps`.
             eta (`float`, defaults to 1.0): DDIM's noise weight in [0, 1] (0: deterministic); passed to schedulers
                 whose `step` takes it, ignored by the others.
-            generator (`torch.Generator` or a list of them, *optional*): For the initial noise and the sampler's noise.
+            generator (`torch.Generator` or a list of them, *optional*): For the initial noise and the sampler's noise;
+                a list has one generator per image of the final batch (after `num_images_per_prompt`).
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"` (images in [0, 1]).
             return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` or a tuple.
+            num_images_per_prompt (`int`, defaults to 1): Images per class label, next to each other in the output
+                (`[a, a, b, b]` for labels `[a, b]` and 2); for an unconditional transformer it multiplies
+                `batch_size`.
+            latents (`torch.Tensor`, *optional*): Starting standard-normal noise `(batch, C, H, W)` of the final batch,
+                in place of noise drawn from `generator`; it is scaled by the scheduler's `init_noise_sigma`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): Called
+                after every scheduler step as in diffusers, `callback_on_step_end(pipe, step_index, timestep,
+                callback_kwargs)`, and returns a dict; a `"latents"` entry in it (the current images in [-1, 1])
+                replaces them.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): The tensors put in
+                `callback_kwargs`, from `_callback_tensor_inputs`.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] with `images`, or a tuple `(images,)`.
-        """
-        labels, batch = self._check_inputs(
-            batch_size, class_labels, guidance_scale, num_inference_steps, eta, output_type
-        )
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch} images")
 
+        Raises:
+            FloatingPointError: The final sample holds NaN or inf; the message names the likely cause (a
+                `guidance_scale` too large for the transformer's dtype, the `latents` given, the model).
+        """
+        self.check_inputs(
+            batch_size, class_labels, guidance_scale, num_inference_steps, num_images_per_prompt, eta, output_type
+        )
+        tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
-        dtype = self.transformer.dtype
+        if class_labels is not None:
+            ids = class_label_ids(class_labels, self.num_classes)
+            if batch_size not in (1, len(ids)):
+                raise ValueError(
+                    f"with class_labels the batch is one image per label ({len(ids)}); leave batch_size at 1 or set "
+                    f"it to {len(ids)}, got {batch_size}"
+                )
+            labels = torch.tensor(ids, device=device, dtype=torch.long).repeat_interleave(num_images_per_prompt)
+            batch = labels.shape[0]
+        else:
+            labels, batch = None, batch_size * num_images_per_prompt
+        self._check_generator(generator, batch)
+
         height, width = self._image_size()
         shape = (batch, self.transformer.config.in_channels, height, width)
-        sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
-
-        guided = labels is not None and guidance_scale != 1
-        if labels is not None:
-            labels = torch.tensor(labels, device=device, dtype=torch.long)
-            model_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
-        else:
-            model_labels = None
+        given_latents = latents
+        latents = self.prepare_latents(shape, self.transformer.dtype, device, generator, given_latents)
+        guidance = float(guidance_scale) if labels is not None and guidance_scale != 1 else None
         step_parameters = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"eta": eta} if "eta" in step_parameters else {}
         if "generator" in step_parameters:
             step_kwargs["generator"] = generator
+        latents = self._denoise(
+            latents, labels, guidance, num_inference_steps, step_kwargs, callback_on_step_end, tensor_inputs
+        )
+        self._check_finite(latents, guidance, given_latents, callback_on_step_end)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([sample, sample]) if guided else sample
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            timestep = torch.as_tensor(t, device=device).expand(model_input.shape[0])
-            noise_pred = self.transformer(model_input, timestep, class_labels=model_labels).sample
-            if guided:
-                cond, uncond = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (cond - uncond)
-            sample = self.scheduler.step(noise_pred, t, sample, **step_kwargs).prev_sample
-
-        images = self.image_processor.postprocess(sample.float(), output_type=output_type)
+        images = self.image_processor.postprocess(latents.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

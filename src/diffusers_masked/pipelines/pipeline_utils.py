@@ -14,6 +14,10 @@ Without the flag, :meth:`MaskedDiffusionPipeline.from_pretrained` passes ``trust
 checking every module the load would import: ``_class_name`` and each component entry must name diffusers,
 transformers or exactly one of our shims, and the folder (or the repo, at the one commit that is then loaded) may hold
 no other code file.
+
+The sampling loop is shared too (:class:`MaskedDiffusionPipeline`): class labels in any int-like shape, the scheduler
+check (a transformer trained in one parameterisation samples noise with a scheduler of another), guidance, diffusers'
+``callback_on_step_end`` and the check that the result is finite.
 """
 
 from __future__ import annotations
@@ -22,13 +26,20 @@ import importlib
 import importlib.util
 import json
 import keyword
+import math
+import numbers
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 # A folder saved by diffusers-masked 0.1 names our components by their module path, which diffusers resolves only
@@ -36,12 +47,98 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 # loading wherever a pipeline class of ours is imported.
 from ..models import masked_dit  # noqa: F401
 from ..schedulers import masked_training, scheduling_edm_heun  # noqa: F401
+from ..utils.safe_loading import check_path_or_hub_id, read_json
 from ..version import __version__
 
+PROJECT_URL = "https://pypi.org/project/diffusers-masked/"
 MODEL_CARD_TAGS = ["masked-diffusion", "diffusers-masked"]
+# How many label names an error about an unknown one lists: enough to show the naming, not ImageNet's thousand.
+MAX_LABELS_SHOWN = 20
 # The subpackages a shim may import from; a shim named `name` imports `diffusers_masked.<subpackage>.<name>`.
 SHIM_SUBPACKAGES = ("pipelines", "models", "schedulers")
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".pyd")
+
+
+def read_model_index(path: str | os.PathLike) -> dict:
+    """The parsed `model_index.json` at `path`.
+
+    Raises:
+        ValueError: naming the file, if it is missing, is not JSON or does not hold a JSON object.
+    """
+    index = read_json(path, hint="a saved pipeline's model_index.json is the JSON object save_pretrained writes")
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} is not a pipeline index: expected a JSON object, got a {type(index).__name__}")
+    return index
+
+
+def check_positive_int(name: str, value) -> int:
+    """`value` as an `int`; anything but an integer >= 1 (a bool, a float) raises a `ValueError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def check_guidance_scale(guidance_scale) -> float:
+    """`guidance_scale` as a `float`, refusing anything but a finite number >= 0: inf turns every image into NaN, and
+    NaN would silently switch guidance off."""
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, numbers.Real)
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def class_label_ids(class_labels, num_classes: int, label_ids: dict[str, int] | None = None) -> list[int]:
+    """Class ids from `class_labels` in any int-like shape that flattens to the batch, as diffusers' `DiTPipeline`
+    and its tests batch them: an id, a label name, a list or tuple of them (nested: `[[1], [1]]`), a `torch.Tensor`
+    or numpy array of integers of any shape (`(B,)`, `(B, 1)`), numpy integer scalars.
+
+    Args:
+        class_labels: The labels, one per image, flattened in row-major order.
+        num_classes (`int`): Ids must be in `[0, num_classes)`.
+        label_ids (`dict[str, int]`, *optional*): Label names and their ids; without it a name is refused.
+
+    Returns:
+        `list[int]`: The ids.
+
+    Raises:
+        TypeError: An entry is neither an integer nor a label name (a float, a bool, ...).
+        ValueError: An id is out of range, names are unknown, or there is no label at all.
+    """
+    allowed = f"int ids in [0, {num_classes})" + (" or label names (id2label)" if label_ids else "")
+    ids, unknown = [], []
+
+    def add(label):
+        if hasattr(label, "tolist"):  # a tensor, a numpy array or scalar: now Python ints, floats or bools
+            label = label.tolist()
+        if isinstance(label, (list, tuple)):
+            for item in label:
+                add(item)
+        elif isinstance(label, str) and label_ids:
+            if label in label_ids:
+                ids.append(label_ids[label])
+            else:
+                unknown.append(label)
+        elif isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < num_classes:
+                raise ValueError(f"class label {label} is out of range: class_labels must be {allowed}")
+            ids.append(label)
+        else:
+            raise TypeError(f"class_labels must be {allowed}, got {label!r} ({type(label).__name__})")
+
+    add(class_labels)
+    if unknown:
+        known = sorted(label_ids)
+        shown = ", ".join(map(repr, known[:MAX_LABELS_SHOWN]))
+        if len(known) > MAX_LABELS_SHOWN:
+            shown += f", ... ({len(known)} in all)"
+        raise ValueError(f"unknown label names {unknown}; known labels: {shown}")
+    if not ids:
+        raise ValueError(f"class_labels must not be empty: give one of {allowed} per image")
+    return ids
 
 
 def shim_source(module: str, class_name: str) -> str:
@@ -134,13 +231,196 @@ def foreign_code(index: dict, code_files: list[str], read) -> list[str]:
 class MaskedDiffusionPipeline(DiffusionPipeline):
     """Base of the diffusers-masked pipelines (not used directly).
 
-    Subclasses set ``_shim_module`` (the module under ``diffusers_masked.pipelines`` defining them) and
-    ``_model_card_tags``.
+    Subclasses set ``_shim_module`` (the module under ``diffusers_masked.pipelines`` defining them),
+    ``_model_card_tags``, ``_paper`` (the method's paper, cited in the model card) and the scheduler family:
+    [`~MaskedDiffusionPipeline.compatible_schedulers`], ``_scheduler_requirement`` (why) and ``_scheduler_fix`` (what
+    to do instead).
     """
 
     _shim_module: str = ""
     _model_card_tags: list[str] = []
     _paper: str = ""
+    _scheduler_requirement: str = ""
+    _scheduler_fix: str = ""
+    # The tensors `callback_on_step_end` may read and replace, as in diffusers.
+    _callback_tensor_inputs = ["latents"]
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes the transformer is conditioned on (0: unconditional)."""
+        return self.transformer.config.num_classes
+
+    # ------------------------------------------------------------------ schedulers
+
+    @classmethod
+    def compatible_schedulers(cls) -> tuple[type[SchedulerMixin], ...]:
+        """The scheduler classes (with their subclasses) that sample correctly from this pipeline's transformer."""
+        raise NotImplementedError(f"{cls.__name__} does not say which schedulers it samples with")
+
+    @classmethod
+    def is_compatible_scheduler(cls, scheduler: SchedulerMixin | type[SchedulerMixin]) -> bool:
+        """Whether `scheduler` (an instance or a class) is one of
+        [`~MaskedDiffusionPipeline.compatible_schedulers`]."""
+        scheduler_class = scheduler if isinstance(scheduler, type) else type(scheduler)
+        return issubclass(scheduler_class, cls.compatible_schedulers())
+
+    @classmethod
+    def check_scheduler(cls, scheduler: SchedulerMixin | type[SchedulerMixin]) -> None:
+        """Refuse a scheduler of another parameterisation than the transformer's, which would sample noise silently.
+
+        Raises:
+            ValueError: naming the scheduler given and the compatible ones.
+        """
+        if cls.is_compatible_scheduler(scheduler):
+            return
+        given = scheduler.__name__ if isinstance(scheduler, type) else type(scheduler).__name__
+        compatible = ", ".join(c.__name__ for c in cls.compatible_schedulers())
+        raise ValueError(
+            f"{cls.__name__} cannot sample with {given}: {cls._scheduler_requirement} Compatible schedulers: "
+            f"{compatible} (and their subclasses). {cls._scheduler_fix}"
+        )
+
+    def __setattr__(self, name, value):
+        # Every way a scheduler enters a pipeline ends here: the constructor and from_pretrained (through
+        # register_modules, also for a model_index.json naming another scheduler) and a swap such as
+        # `pipe.scheduler = DDIMScheduler.from_config(...)`. Refusing it here points at the line that made the mistake
+        # and leaves the pipeline as it was, where a check in __call__ would only fire at the next sampling.
+        if name == "scheduler":
+            self.check_scheduler(value)
+        super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ sampling, shared by the pipelines
+
+    def _check_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs) -> list[str]:
+        """Check the callback arguments as diffusers' `check_inputs` does; return the names of the tensors the
+        callback gets (a [`~diffusers.callbacks.PipelineCallback`] names its own)."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(
+                "callback_on_step_end must be a function callback_on_step_end(pipe, step_index, timestep, "
+                f"callback_kwargs) -> dict, or None; got {callback_on_step_end!r}"
+            )
+        if isinstance(callback_on_step_end_tensor_inputs, str) or not isinstance(
+            callback_on_step_end_tensor_inputs, (list, tuple)
+        ):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be a list of names from {self._callback_tensor_inputs}, "
+                f"got {callback_on_step_end_tensor_inputs!r}"
+            )
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be names from {self._callback_tensor_inputs}, got {unknown}"
+            )
+        return list(callback_on_step_end_tensor_inputs)
+
+    @staticmethod
+    def _check_generator(generator, batch_size: int) -> None:
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for a batch of {batch_size} images (after num_images_per_prompt); "
+                "pass one generator per image, or a single one"
+            )
+
+    def prepare_latents(self, shape: tuple[int, ...], dtype, device, generator, latents=None) -> torch.Tensor:
+        """The starting noise: standard-normal of `shape`, drawn from `generator` or the `latents` given (checked
+        against `shape`), scaled by the scheduler's `init_noise_sigma`."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape):
+            found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(
+                f"latents must be a tensor of shape {shape} (batch, channels, height, width), got {found}"
+            )
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        guidance_scale: float | None,
+        num_inference_steps: int,
+        step_kwargs: dict,
+        callback_on_step_end,
+        callback_tensor_inputs: Sequence[str],
+    ) -> torch.Tensor:
+        """The sampling loop: per scheduler timestep the transformer's prediction, guided as
+        `uncond + guidance_scale * (cond - uncond)` with the null class `num_classes` when `guidance_scale` is not
+        `None`, the scheduler's step and the callback, which may replace the latents."""
+        device = latents.device
+        guided = guidance_scale is not None
+        model_labels = (
+            torch.cat([class_labels, torch.full_like(class_labels, self.num_classes)]) if guided else class_labels
+        )
+        channels = self.transformer.config.in_channels
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for step_index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timestep = torch.as_tensor(t, device=device).expand(model_input.shape[0])
+            output = self.transformer(model_input, timestep, class_labels=model_labels).sample
+            # A model that also predicts a variance (DiT's learned sigma) guides and steps on its first channels.
+            output = output[:, :channels]
+            if guided:
+                cond, uncond = output.chunk(2)
+                output = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(output, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                outputs = callback_on_step_end(
+                    self, step_index, t, {name: tensors[name] for name in callback_tensor_inputs}
+                )
+                if not isinstance(outputs, dict):
+                    raise TypeError(
+                        "callback_on_step_end must return a dict (the callback_kwargs it was given, with any tensor "
+                        f"it replaces), got {type(outputs).__name__}"
+                    )
+                replaced = outputs.pop("latents", latents)
+                if tuple(replaced.shape) != tuple(latents.shape):
+                    raise ValueError(
+                        f"callback_on_step_end returned latents of shape {tuple(replaced.shape)} at step "
+                        f"{step_index}; they must keep the shape {tuple(latents.shape)}"
+                    )
+                latents = replaced
+        return latents
+
+    def _check_finite(
+        self, latents: torch.Tensor, guidance_scale: float | None, given_latents=None, callback_on_step_end=None
+    ) -> None:
+        """Refuse NaN or inf in the final latents (one read of the device per call), naming the likely cause.
+
+        Raises:
+            FloatingPointError: the latents hold NaN or inf.
+        """
+        finite = torch.isfinite(latents)
+        if bool(finite.all()):
+            return
+        dtype = self.transformer.dtype
+        causes = []
+        if given_latents is not None and not bool(torch.isfinite(given_latents).all()):
+            causes.append("the latents passed in hold NaN or inf")
+        if guidance_scale is not None:
+            if guidance_scale > torch.finfo(dtype).max:
+                causes.append(
+                    f"guidance_scale={guidance_scale!r} is beyond the largest {dtype} ({torch.finfo(dtype).max:.3g}), "
+                    "so uncond + guidance_scale * (cond - uncond) is inf or NaN; usual values are 1 to 10"
+                )
+            else:
+                causes.append(
+                    f"guidance_scale={guidance_scale!r} may be too large: the guided prediction grows with it until "
+                    f"it overflows {dtype}; usual values are 1 to 10"
+                )
+        if callback_on_step_end is not None:
+            causes.append("callback_on_step_end may have returned NaN or inf latents")
+        causes.append(
+            f"the transformer's prediction: NaN or inf in its weights, or an overflow in {dtype} (float16 overflows "
+            "above 65504; try bfloat16 or float32)"
+        )
+        raise FloatingPointError(
+            f"{type(self).__name__} produced NaN or inf in {int((~finite).sum())} of {latents.numel()} values of "
+            "its final latents. Likely cause: " + "; else ".join(causes) + "."
+        )
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -196,7 +476,7 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         if os.path.isdir(path):
             root = Path(path)
             files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-            index = json.loads((root / "model_index.json").read_text())
+            index = read_model_index(root / "model_index.json")
             code = [f for f in files if f.endswith(CODE_SUFFIXES)]
             return foreign_code(index, code, lambda f: (root / f).read_text()), {}
 
@@ -214,11 +494,13 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         info = HfApi(token=hub_kwargs.get("token")).model_info(path, revision=hub_kwargs.get("revision"))
         files = [s.rfilename for s in info.siblings or []]
 
-        def read(filename: str) -> str:
-            return Path(hf_hub_download(path, filename, revision=info.sha, **common)).read_text()
+        def download(filename: str) -> Path:
+            return Path(hf_hub_download(path, filename, revision=info.sha, **common))
 
-        index = json.loads(read("model_index.json"))
-        problems = foreign_code(index, [f for f in files if f.endswith(CODE_SUFFIXES)], read)
+        index = read_model_index(download("model_index.json"))
+        problems = foreign_code(
+            index, [f for f in files if f.endswith(CODE_SUFFIXES)], lambda f: download(f).read_text()
+        )
         # A commit is immutable: pinning it means diffusers imports exactly the files that were read here.
         return problems, {"revision": info.sha}
 
@@ -232,6 +514,7 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         `ValueError` listing what was found. `trust_remote_code=True` skips the check and runs the repo's code, as
         with any custom pipeline: pass it only for a repo you trust.
         """
+        check_path_or_hub_id(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         if (
             cls is not MaskedDiffusionPipeline
             and "trust_remote_code" not in kwargs
@@ -266,13 +549,18 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
     ) -> ModelCard:
         """A model card with `library_name: diffusers`, the diffusers-masked tags, how to load the pipeline,
         the model and scheduler configs, the training config and the evaluation results (as card metadata
-        `model-index` and as a table)."""
+        `model-index` and as a table).
+
+        An unconditional model gets the Hub task `pipeline_tag: unconditional-image-generation`. The Hub has no task
+        for class-conditional generation (diffusers' own `facebook/DiT-XL-2-256` sets none), so a class-conditional
+        model gets no `pipeline_tag` (the unconditional one would misfile it) and the tag `class-conditional`."""
         name = repo_id or self.__class__.__name__
+        conditional = bool(self.num_classes)
         card_data = ModelCardData(
             library_name="diffusers",
             license=license,
-            tags=[*MODEL_CARD_TAGS, *self._model_card_tags],
-            pipeline_tag="unconditional-image-generation",
+            tags=[*MODEL_CARD_TAGS, *self._model_card_tags, "class-conditional" if conditional else "unconditional"],
+            pipeline_tag=None if conditional else "unconditional-image-generation",
             datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
             model_name=name if eval_results else None,
             eval_results=eval_results or None,
@@ -284,8 +572,8 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         }
         sections = [
             f"# {name}\n",
-            f"A {self.__class__.__name__} trained with [diffusers-masked]({self._paper or 'https://pypi.org/project/diffusers-masked/'})"
-            f" ({self.__class__.__name__.replace('Pipeline', '')}: masked training of a diffusion transformer).\n",
+            f"A {self.__class__.__name__} trained with [diffusers-masked]({PROJECT_URL}), masked training of "
+            f"diffusion transformers in the diffusers family. Method: {self._paper}.\n",
         ]
         if sample_image:
             sections.append(f"![samples]({sample_image})\n")
@@ -296,8 +584,7 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             f"{self._usage_example()}\n```\n\n"
             "The repo holds no model code: its `.py` files are one-line imports from the installed `diffusers_masked` "
             "package, which `trust_remote_code=True` lets diffusers import. That flag runs whatever code a repo "
-            "holds, "
-            "so for a copy you do not trust, load with "
+            "holds, so for a copy you do not trust, load with "
             f"`diffusers_masked.{self.__class__.__name__}.from_pretrained(...)` instead: without the flag it checks "
             "that those imports are all the code there is, and refuses anything else.\n"
         )
@@ -307,8 +594,27 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             )
             sections.append(f"## Evaluation\n\n| metric | value | dataset |\n|---|---|---|\n{rows}\n")
         if training_config:
+            recipe = training_config.get("recipe")
+            changed = training_config.get("resumed") or []
+            summary = (
+                f"Recipe `{recipe}` (`--recipe {str(recipe).split('@')[0]}`), with the flags below.\n\n"
+                if recipe
+                else ""
+            )
+            if changed:
+                summary += (
+                    "Changed on resuming: "
+                    + "; ".join(
+                        f"from step {entry['at_step']}: "
+                        + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in entry["changed"].items())
+                        for entry in changed
+                    )
+                    + ".\n\n"
+                )
             sections.append(
-                "## Training\n\n```json\n"
+                "## Training\n\n"
+                + summary
+                + "```json\n"
                 + json.dumps(training_config, indent=2, sort_keys=True, default=str)
                 + "\n```\n"
             )

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..masking import MASK_TYPES, parse_mask_schedule
+from ..utils.safe_loading import check_path_or_hub_id
 
 # ---------------------------------------------------------------------------------------------------------
 # Value types
@@ -112,9 +113,10 @@ def add_data_arguments(
     )
     group.add_argument(
         "--class_dropout_prob",
-        type=finite_float(0, 1),
+        type=finite_float(0, 1, high_open=True),
         default=class_dropout_prob,
-        help="Label dropout for classifier-free guidance (class-conditional runs). Default: %(default)s.",
+        help="Label dropout for classifier-free guidance (class-conditional runs), below 1 (at 1 the model never sees "
+        "a label). Default: %(default)s.",
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where datasets and latents are cached.")
     group.add_argument("--resolution", type=int_at_least(1), default=None, help="Image side after resize and crop.")
@@ -243,6 +245,11 @@ def add_optimisation_arguments(
         "--ema_warmup", action=argparse.BooleanOptionalAction, default=None, help="EMAModel's decay warm-up."
     )
     group.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    group.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="TF32 matmuls on Ampere and newer GPUs (full-precision runs, such as MaskDiT's unmasking tuning).",
+    )
     group.add_argument("--seed", type=int_at_least(0), default=0)
     group.add_argument("--dataloader_num_workers", type=int_at_least(0), default=0)
     group.add_argument(
@@ -260,6 +267,12 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     period, and the Hub upload of the final pipeline."""
     group = parser.add_argument_group("output")
     group.add_argument("--output_dir", type=str, default=None)
+    group.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Write the run's outputs into a folder that holds other files: same-named files are replaced, nothing "
+        "else is touched. Without it such a folder is refused before training starts.",
+    )
     group.add_argument("--checkpointing_steps", type=int_at_least(0), default=None, help="0: no periodic ones.")
     group.add_argument("--checkpoints_total_limit", type=int_at_least(1), default=3)
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint path.")
@@ -295,6 +308,65 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: floa
 # ---------------------------------------------------------------------------------------------------------
 # After parsing
 # ---------------------------------------------------------------------------------------------------------
+
+
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def check_common_flags(parser, args) -> None:
+    """The checks every script's flags need before any work, exiting through `parser.error` naming the flag: one
+    data source, the built-in digits' own label column, trackers that are installed, and a Hub upload that can
+    happen (online, with a token the Hub accepts)."""
+    if args.dataset_name and args.train_data_dir:
+        parser.error("give either --dataset_name or --train_data_dir, not both")
+    if args.builtin_digits and args.label_column not in (None, "label"):
+        parser.error(
+            f"--label_column {args.label_column}: the built-in digits' labels are their 'label' column; "
+            "--label_column names a column of --dataset_name or --train_data_dir"
+        )
+    for flag in ("pretrained_model_name_or_path", "vae"):
+        try:
+            check_path_or_hub_id(getattr(args, flag, None), f"--{flag}")
+        except ValueError as err:
+            parser.error(str(err))
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not os.path.exists(resume):
+        parser.error(f"--resume_from_checkpoint: no such file or folder: {resume} (a checkpoint folder, or 'latest')")
+    _check_trackers(parser, args.report_to)
+    if args.push_to_hub:
+        _check_hub_access(parser, args.hub_token)
+
+
+def _check_trackers(parser, report_to: str) -> None:
+    from accelerate import tracking
+
+    names = [name.strip() for name in str(report_to).split(",") if name.strip()]
+    if names in ([], ["none"], ["all"]):
+        return
+    for name in names:
+        if name not in TRACKERS:
+            choices = ", ".join(TRACKERS)
+            parser.error(f"--report_to {report_to}: {name!r} is not a tracker; choose from none, all, {choices}")
+        if not getattr(tracking, f"is_{name}_available")():
+            install = name.replace("_", "-")
+            parser.error(f"--report_to {name}: it is not installed (pip install {install}), or pass --report_to none")
+
+
+def _check_hub_access(parser, token: str | None) -> None:
+    """`--push_to_hub` fails at the end of a run if the Hub cannot be reached or the token is missing; find out now,
+    as `huggingface_hub`'s own `whoami` does."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.constants import is_offline_mode
+
+    if is_offline_mode():
+        parser.error("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
+    token = token or get_token()
+    if not token:
+        parser.error("--push_to_hub needs a Hugging Face token: run `hf auth login` or pass --hub_token")
+    try:
+        HfApi().whoami(token=token)
+    except Exception as err:  # no connection, a rejected token: either way the upload would fail after training
+        parser.error(f"--push_to_hub: the Hub did not accept the token ({type(err).__name__}: {err})")
 
 
 def resolve_model_config(spec: str, model_cls) -> dict:
@@ -352,12 +424,13 @@ def resolve_model_config(spec: str, model_cls) -> dict:
 
 def resolve_schedule_and_model_config(parser, args, model_cls) -> None:
     """Check ``--mask_schedule`` / ``--mask_ratio`` and ``--model_config`` before any work, into
-    ``args.mask_schedule_resolved`` and (without start weights) ``args.model_config_resolved``; exits through
+    ``args.mask_schedule_resolved`` and ``args.model_config_resolved`` (`None` with start weights); exits through
     `parser.error` naming the flag."""
     try:
         args.mask_schedule_resolved = parse_mask_schedule(args.mask_schedule, default_ratio=args.mask_ratio)
     except (ValueError, TypeError) as err:
         parser.error(f"--mask_schedule / --mask_ratio: {err}")
+    args.model_config_resolved = None
     if args.pretrained_model_name_or_path is None:
         try:
             args.model_config_resolved = resolve_model_config(args.model_config, model_cls)
@@ -380,6 +453,7 @@ def accelerator_options(args) -> dict:
         "use_ema": args.use_ema,
         "cpu_threads": args.cpu_threads,
         "seed": args.seed,
+        "allow_tf32": args.allow_tf32,
     }
 
 
@@ -448,6 +522,59 @@ def saving_options(args) -> dict:
 def hub_options(args) -> dict:
     """`finish_run`'s Hub arguments."""
     return {"repo_id": args.hub_model_id, "push_to_hub": args.push_to_hub, "hub_token": args.hub_token}
+
+
+STAGE_KEYS = {"steps": int, "mask_ratio": float, "batch_size": int, "learning_rate": float}
+STAGE_OPTIONAL_KEYS = {"warmup_steps": int, "max_grad_norm": float}
+
+
+def resolve_pretrain_stages(parser, args) -> None:
+    """Parse ``--pretrain_stages`` (`parse_stages`) in place, the pre-training's length their sum; exits through
+    `parser.error` naming the flag."""
+    if not args.pretrain_stages:
+        return
+    try:
+        args.pretrain_stages = parse_stages(args.pretrain_stages)
+    except ValueError as err:
+        parser.error(f"--pretrain_stages: {err}")
+    args.max_train_steps = sum(stage["steps"] for stage in args.pretrain_stages)
+
+
+def parse_stages(text: str) -> list[dict]:
+    """Stage settings from JSON (``--pretrain_stages``): a non-empty list of objects with ``steps`` (>= 1),
+    ``mask_ratio`` (in [0, 1)), ``batch_size`` (>= 1), ``learning_rate`` (> 0) and optionally ``warmup_steps``
+    (>= 0) and ``max_grad_norm`` (> 0).
+
+    Raises:
+        ValueError: naming the stage and the key.
+    """
+    try:
+        stages = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err})") from None
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ValueError(f"must be a non-empty JSON list of objects, got {text!r}")
+    for i, stage in enumerate(stages, 1):
+        unknown = sorted(set(stage) - set(STAGE_KEYS) - set(STAGE_OPTIONAL_KEYS))
+        missing = sorted(set(STAGE_KEYS) - set(stage))
+        if unknown or missing:
+            keys = [*STAGE_KEYS, *STAGE_OPTIONAL_KEYS]
+            raise ValueError(f"stage {i}: unknown keys {unknown}, missing keys {missing}; keys: {keys}")
+        for key, value in stage.items():
+            kind = {**STAGE_KEYS, **STAGE_OPTIONAL_KEYS}[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or (kind is int and not isinstance(value, int)):
+                raise ValueError(f"stage {i}: {key} must be a{'n int' if kind is int else ' number'}, got {value!r}")
+        low = {"steps": 1, "batch_size": 1, "warmup_steps": 0}
+        for key, minimum in low.items():
+            if key in stage and stage[key] < minimum:
+                raise ValueError(f"stage {i}: {key} must be >= {minimum}, got {stage[key]}")
+        if not 0 <= stage["mask_ratio"] < 1:
+            raise ValueError(f"stage {i}: mask_ratio must be in [0, 1), got {stage['mask_ratio']}")
+        for key in ("learning_rate", "max_grad_norm"):
+            if key in stage and stage[key] <= 0:
+                raise ValueError(f"stage {i}: {key} must be > 0, got {stage[key]}")
+    return stages
 
 
 def digits_evaluation_options(args, grid_rows: int, grid_cols: int, **sampling) -> dict | None:

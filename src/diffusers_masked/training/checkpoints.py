@@ -5,6 +5,8 @@ a checkpoint can run code); listed by lineage, so one run never resumes or prune
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -50,11 +52,24 @@ def read_training_state(checkpoint: str | os.PathLike) -> dict:
         if isinstance(state, dict)
         else None
     )
-    if missing is None or missing or not isinstance(state["global_step"], int) or state["global_step"] < 0:
+    if missing is None or missing:
         raise ValueError(
             f"{path} is not a training state of this version (it needs global_step, run_id and model_config; "
             f"missing: {missing}); {_EARLIER_CHECKPOINT}"
         )
+    step, folder = state["global_step"], path.parent.name
+    named = int(folder[len(CHECKPOINT_PREFIX) :]) if folder[len(CHECKPOINT_PREFIX) :].isdigit() else None
+    problems = []
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        problems.append(f"global_step must be an int >= 0, got {step!r}")
+    elif named is not None and folder.startswith(CHECKPOINT_PREFIX) and step != named:
+        problems.append(f"global_step is {step} but the folder is {folder}")
+    if not isinstance(state["run_id"], str) or not state["run_id"]:
+        problems.append(f"run_id must be a non-empty string, got {state['run_id']!r}")
+    if not isinstance(state["model_config"], dict) or not isinstance(state.get("run", {}), dict):
+        problems.append("model_config and run must be JSON objects")
+    if problems:
+        raise ValueError(f"{path} is not a valid training state ({'; '.join(problems)}); {_EARLIER_CHECKPOINT}")
     return state
 
 
@@ -114,23 +129,48 @@ def save_checkpoint(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if ema is not None and sharded:
-        save_sharded_ema(accelerator, ema, partial)
-    elif ema is not None and accelerator.is_main_process:
-        save_ema(ema, partial)
+    with _out_of_space_reported(final, partial):
+        accelerator.save_state(str(partial))
+        if ema is not None and sharded:
+            save_sharded_ema(accelerator, ema, partial)
+        elif ema is not None and accelerator.is_main_process:
+            save_ema(ema, partial)
     # Every rank writes into the folder (its random states, its shard under FSDP): rename only once all are done.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"global_step": global_step, **training_state}
-        (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
-        commit_dir(partial, final, replace=True)
+        with _out_of_space_reported(final, partial):
+            (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+            commit_dir(partial, final, replace=True)
         if total_limit is not None:
             for old in list_checkpoints(output_dir, run_id=training_state["run_id"])[:-total_limit]:
                 shutil.rmtree(old)
         logger.info(f"saved checkpoint {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+# What a full disk or an exceeded quota looks like from inside torch's archive writer (it reports neither errno).
+_TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+@contextlib.contextmanager
+def _out_of_space_reported(final: Path, partial: Path):
+    """Turn a full disk or an exceeded quota while writing `partial` into one clear error; the partial folder goes,
+    the earlier checkpoints stay."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        out_of_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        out_of_space |= isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILURES)
+        if not out_of_space:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(
+            errno.ENOSPC,
+            f"disk full or over quota while saving {final.name} in {final.parent} ({err}); the earlier checkpoints "
+            "are intact: free space and resume with --resume_from_checkpoint latest",
+        ) from err
 
 
 def check_checkpoint(checkpoint: str | os.PathLike, ema: bool = False, sharded: bool = False) -> dict:
@@ -196,6 +236,96 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | os.Path
     return path
 
 
+# What a resumed run may change, each taking effect from the resumed step and recorded there in the run's config
+# (``resumed``): the run's length, its learning rates and clipping, precision and execution, and everything about
+# saving, logging, sampling and publishing. Anything else that differs from the checkpoint's recorded flags is refused.
+RESUMABLE_FLAGS = frozenset(
+    {
+        "max_train_steps",
+        "unmask_tuning_steps",
+        "finetune_steps",
+        "learning_rate",
+        "unmask_learning_rate",
+        "finetune_learning_rate",
+        "max_grad_norm",
+        "mixed_precision",
+        "allow_tf32",
+        "adam_fused",
+        "gradient_checkpointing",
+        "torch_compile",
+        "attention_backend",
+        "cpu_threads",
+        "dataloader_num_workers",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "report_to",
+        "logging_dir",
+        "resume_from_checkpoint",
+        "output_dir",
+        "overwrite_output_dir",
+        "pretrained_model_name_or_path",
+        "push_to_hub",
+        "hub_model_id",
+        "recipe",
+        "num_eval_samples_per_class",
+        "num_validation_images_per_class",
+        "validation_classes",
+        "num_validation_images",
+        "guidance_scale",
+        "num_inference_steps",
+        "cache_dir",
+        "skip_image_verification",
+        "latent_batch_size",
+    }
+)
+# Recorded for the record, compared elsewhere (the model config, with its own check) or bookkeeping: where the run
+# was asked to resume from and write to says nothing about what it trained.
+_NOT_COMPARED = frozenset(
+    {"model_config", "model_config_resolved", "resumed", "builtin_digits", "hub_token", "resume_from_checkpoint"}
+    | {"output_dir", "overwrite_output_dir"}
+)
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def compare_run_configs(recorded: dict, current: dict) -> tuple[dict, dict]:
+    """How the flags of a resumed run differ from those its checkpoint recorded: ``(changes, refused)``, each a dict
+    of flag -> ``[recorded, now]``. `changes` are `RESUMABLE_FLAGS`; `refused` is everything else. A flag that is
+    `None` now (to be filled from the data, e.g. ``num_classes``) is not compared."""
+    changes, refused = {}, {}
+    for key in sorted(set(recorded) | set(current)):
+        if key in _NOT_COMPARED or current.get(key, 0) is None:
+            continue
+        old, new = _plain(recorded.get(key)), _plain(current.get(key))
+        if old != new:
+            (changes if key in RESUMABLE_FLAGS else refused)[key] = [old, new]
+    return changes, refused
+
+
+def check_resume(state: dict, current: dict, end: int | None = None) -> tuple[dict, str | None]:
+    """Whether a run with the flags `current` (as `run_config` records them) may resume the checkpoint whose
+    training state is `state`, ending at step `end`: ``(changes, error)``; `changes` as `compare_run_configs`'s."""
+    step = state["global_step"]
+    if end is not None and step > end:
+        return {}, (
+            f"the checkpoint is at step {step}, after this run's last step ({end}): resuming would publish "
+            f"{step} steps' weights as a {end}-step run; ask for {step} or more steps, or start a new run in another "
+            "--output_dir"
+        )
+    changes, refused = compare_run_configs(state.get("run") or {}, current)
+    if refused:
+        details = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in refused.items())
+        return changes, (
+            f"the checkpoint's run was trained with other settings ({details}); a resumed run may change only its "
+            "length, learning rates, clipping, precision and its saving, logging and sampling flags: resume with the "
+            "checkpoint's settings, or start a new run in another --output_dir"
+        )
+    return changes, None
+
+
 def check_model_config(recorded: dict, model_config) -> None:
     """Refuse to resume a checkpoint into a model of another configuration (same shapes can hide it: 2 heads of
     16 and 4 of 8 load the same weights), naming the keys that differ."""
@@ -228,8 +358,22 @@ def restore_checkpoint(accelerator, checkpoint: str | os.PathLike, ema=None, sha
             f"{_EARLIER_CHECKPOINT}"
         ) from err
     if ema is not None:
+        configured = {"--ema_decay": ema.decay, "--ema_warmup": ema.use_ema_warmup}
         try:
             load_sharded_ema(ema, checkpoint) if sharded else load_ema(ema, checkpoint)
         except Exception as err:
             raise ValueError(f"could not load the EMA of {checkpoint} ({err}); {_EARLIER_CHECKPOINT}") from err
+        # The EMA's settings come back from the checkpoint; a run configured otherwise would record one decay and
+        # apply another.
+        loaded = {"--ema_decay": ema.decay, "--ema_warmup": ema.use_ema_warmup}
+        if loaded != configured:
+            details = ", ".join(
+                f"{flag}: {loaded[flag]!r} in the checkpoint, {configured[flag]!r} now"
+                for flag in loaded
+                if loaded[flag] != configured[flag]
+            )
+            raise ValueError(
+                f"the EMA of {checkpoint} was kept with other settings ({details}); they cannot change within a run: "
+                "resume with the checkpoint's, or start a new run in another --output_dir"
+            )
     return state

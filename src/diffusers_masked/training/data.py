@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from ..data import (
     sample_latents,
     verify_images,
 )
+from ..utils.safe_loading import check_model_folder
 
 
 @dataclass
@@ -64,7 +66,8 @@ def check_labels(dataset, id2label: dict | None, num_classes: int | None) -> int
     ``num_classes=0`` asks for an unconditional model: any labels are ignored.
 
     Raises:
-        ValueError: if the data has no labels, a label is negative, or one is >= `num_classes`.
+        ValueError: if the data has no labels, a label is missing (`None`) or not an integer (a string, a float), a
+            label is negative, or one is >= `num_classes`.
     """
     if num_classes == 0:
         return 0
@@ -76,9 +79,21 @@ def check_labels(dataset, id2label: dict | None, num_classes: int | None) -> int
     labels = dataset.select_columns(["label"])["label"]
     if len(labels) == 0:
         raise ValueError("the training data is empty")
+    bad = next(((i, label) for i, label in enumerate(labels) if not isinstance(label, Integral)), None)
+    if bad is not None:
+        index, label = bad
+        what = "missing (None)" if label is None else f"{label!r}, a {type(label).__name__}"
+        raise ValueError(
+            f"the label of example {index} is {what}; class labels must be integers 0 .. num_classes - 1 (a "
+            "`datasets.ClassLabel` column gives them). Pass --label_column naming a column of integer class labels, "
+            "or --num_classes 0 to train an unconditional model"
+        )
     low, high = min(labels), max(labels)
     if low < 0:
-        raise ValueError(f"the data has a negative label ({low}); labels must be 0 .. num_classes - 1")
+        raise ValueError(
+            f"the data has a negative label ({low}; a `datasets.ClassLabel` marks a missing label with -1); labels "
+            "must be 0 .. num_classes - 1"
+        )
     found = max(high + 1, len(id2label) if id2label else 0)
     if num_classes is None:
         return found
@@ -130,7 +145,8 @@ def load_training_data(
         verify (`bool`, defaults to `True`): decode every image once before training.
         random_crop (`bool`, defaults to `False`): random instead of centre crops.
         random_flip (`bool`, defaults to `False`): random horizontal flips.
-        vae (`str`, *optional*): `AutoencoderKL` path or Hub id; enables latent space.
+        vae (`str`, *optional*): `AutoencoderKL` path or Hub id; enables latent space. A local folder is checked
+            before any data is read: it must exist and its ``config.json`` must name an ``AutoencoderKL``.
         vae_subfolder (`str`, *optional*): e.g. ``"vae"`` inside a pipeline repo.
         latent_cache_dir (`str` or `os.PathLike`, *optional*): where the latents are cached; required with `vae`.
         latent_batch_size (`int`, defaults to 32): batch size of the extraction.
@@ -140,9 +156,17 @@ def load_training_data(
         num_workers (`int`, defaults to 0): `DataLoader` workers of the latent extraction.
     """
     builtin_digits = dataset_name is None and train_data_dir is None
-    if builtin_digits:
-        if vae:
+    if vae:
+        if builtin_digits:
             raise ValueError("a VAE needs image data (a dataset or an image folder); the built-in digits are pixels")
+        if random_crop:
+            raise ValueError(
+                "random crops cannot be used with a VAE: latents are extracted once (flips can: --random_flip)"
+            )
+        if latent_cache_dir is None:
+            raise ValueError("latent_cache_dir is required with a VAE")
+        check_model_folder(vae, "AutoencoderKL", vae_subfolder, name="--vae", subfolder_name="--vae_subfolder")
+    if builtin_digits:
         dataset, id2label = load_digits_dataset(resolution=resolution, split="train", seed=0, holdout_fraction=0.2)
         num_channels = 1
         if num_classes == 0:
@@ -173,12 +197,6 @@ def load_training_data(
 
     from diffusers import AutoencoderKL
 
-    if random_crop:
-        raise ValueError(
-            "random crops cannot be used with a VAE: latents are extracted once (flips can: --random_flip)"
-        )
-    if latent_cache_dir is None:
-        raise ValueError("latent_cache_dir is required with a VAE")
     autoencoder = AutoencoderKL.from_pretrained(vae, subfolder=vae_subfolder).eval()
     dataset = extract_latents(
         dataset,

@@ -23,6 +23,7 @@ def setup_accelerator(
     use_ema: bool = True,
     cpu_threads: int | None = None,
     seed: int = 0,
+    allow_tf32: bool = False,
 ):
     """The run's `Accelerator` and whether it shards the model (FSDP), after the checks every script needs: as many
     processes set up as launched, EMA only under FSDP version 2, this process's share of the CPU cores, the seed.
@@ -35,6 +36,7 @@ def setup_accelerator(
         use_ema (`bool`, defaults to `True`): the run keeps an EMA (refused under FSDP version 1).
         cpu_threads (`int`, *optional*): see `configure_cpu_threads`.
         seed (`int`, defaults to 0): `accelerate.utils.set_seed`.
+        allow_tf32 (`bool`, defaults to `False`): TF32 matmuls and convolutions on GPUs that have them.
 
     DDP runs without `find_unused_parameters`: the models keep every parameter in every training step's graph
     (MaskDiT's mask token too, unmasked), so DDP need not search the graph for unused ones each step.
@@ -63,6 +65,9 @@ def setup_accelerator(
     if accelerator.device.type == "cpu":
         logger.info(f"CPU training: {configure_cpu_threads(cpu_threads)} torch thread(s) per process")
     set_seed(seed)
+    if allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return accelerator, sharded
 
 

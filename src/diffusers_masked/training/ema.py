@@ -5,6 +5,7 @@ shards: saved without pickles, loaded with checks, swapped in for validation, ex
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,11 +63,40 @@ def load_ema(ema, folder: str | os.PathLike) -> None:
     _set_ema_state(ema, folder / EMA_STATE_FILE)
 
 
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each recorded EMA setting must be, checked as strictly as the command line checks its flags.
+_EMA_STATE_RULES = {
+    "decay": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "min_decay": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "optimization_step": (_is_int, "an int >= 0"),
+    "update_after_step": (_is_int, "an int >= 0"),
+    "use_ema_warmup": (lambda v: isinstance(v, bool), "true or false"),
+    "inv_gamma": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "power": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+}
+
+
 def _set_ema_state(ema, path: Path) -> None:
     state = read_json(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must be a JSON object of the EMA's settings")
     missing = [key for key in _EMA_STATE_KEYS if key not in state]
     if missing:
         raise ValueError(f"{path} lacks {missing}")
+    bad = [
+        f"{key} must be {rule[1]}, got {state[key]!r}"
+        for key, rule in _EMA_STATE_RULES.items()
+        if not rule[0](state[key])
+    ]
+    if bad:
+        raise ValueError(f"{path} holds invalid EMA settings: {'; '.join(bad)}")
     for key in _EMA_STATE_KEYS:
         setattr(ema, key, state[key])
 

@@ -48,7 +48,7 @@ def periodic_saves(
         if validation_steps and step % validation_steps == 0 and (sharded or accelerator.is_main_process):
             with ema_weights(ema, accelerator.unwrap_model(model), sharded) as ema_model:
                 grid = validation_grid(ema_model)
-            save_validation_grid(accelerator, grid, output_dir, step, tag=tag)
+            save_validation_grid(accelerator, grid, output_dir, step, training_state["run_id"], tag=tag)
 
     return after_step
 
@@ -166,7 +166,7 @@ def train_phases(
                 generator,
                 mask_ratio,
                 gradient_accumulation_steps=gradient_accumulation_steps,
-                max_grad_norm=max_grad_norm,
+                max_grad_norm=phase.max_grad_norm if phase.max_grad_norm is not None else max_grad_norm,
                 log_keys=log_keys,
                 where=f" at step {global_step} of the {phase.name} phase",
             )

@@ -25,6 +25,19 @@ def start_model_config(path: str | os.PathLike, model_cls) -> dict:
     return dict(model_cls.load_config(location[0], subfolder=location[1]))
 
 
+def model_num_classes(model_cls, start=None, config: dict | None = None, requested: int | None = None) -> int | None:
+    """The classes the trained model has: `requested` (``--num_classes``), else those of the start weights' config or
+    of `config` (`None` where neither says: the data's then).
+
+    Raises:
+        ValueError: if `requested` contradicts the model's.
+    """
+    found = (start_model_config(start, model_cls) if start else (config or {})).get("num_classes")
+    if requested is not None and found is not None and requested != found:
+        raise ValueError(f"--num_classes {requested} contradicts the model config's num_classes={found}")
+    return requested if requested is not None else found
+
+
 def _start_model_source(path):
     folder = Path(path)
     if (folder / ONLINE_DIR / "config.json").is_file():
@@ -61,6 +74,32 @@ def load_start_model(path: str | os.PathLike, model_cls):
     if found != expected:
         raise ValueError(f"{weights} does not fit the checkpoint's model config: {shape_mismatch(expected, found)}")
     model.load_state_dict(state_dict)
+    return model
+
+
+def build_model(model_cls, data, *, start=None, config: dict | None = None, preset: bool = False):
+    """The model a run trains, checked to fit its data: `start`'s weights (`load_start_model`), or a new `model_cls`
+    from `config`, with the data's ``sample_size``, ``in_channels`` and ``num_classes`` filled in where the config
+    leaves them out (and always for a `preset`, which names a size of model, not of data).
+
+    Raises:
+        ValueError: naming what the model has and what the data is.
+    """
+    if start is not None:
+        model = load_start_model(start, model_cls)
+    else:
+        shape = {"sample_size": data.sample_size, "in_channels": data.in_channels, "num_classes": data.num_classes}
+        model = model_cls(**({**config, **shape} if preset else {**shape, **config}))
+    config = model.config
+    size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    if size in ((data.sample_size,) * 2,):
+        size = data.sample_size
+    if (size, config.in_channels, config.num_classes) != (data.sample_size, data.in_channels, data.num_classes):
+        raise ValueError(
+            f"the model has sample_size={size}, in_channels={config.in_channels}, num_classes={config.num_classes} "
+            f"but the data is {data.in_channels}x{data.sample_size}x{data.sample_size} with {data.num_classes} "
+            "classes (0: unconditional): pass a --model_config or start weights that fit it"
+        )
     return model
 
 

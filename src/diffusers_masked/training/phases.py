@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masking import ConstantMaskSchedule, CosinePowerMaskSchedule
+from ..masking import ConstantMaskSchedule, CosinePowerMaskSchedule, StagedMaskSchedule
 
 UNMASK_SCHEDULES = ("zero", "cosine")
 
@@ -29,6 +29,7 @@ class Phase:
         learning_rate (`float`): peak learning rate.
         mask_schedule (`Callable[[int], float]`): mask ratio by step *within* the phase.
         warmup_steps (`int`, defaults to 0): linear warm-up from the phase's first step.
+        max_grad_norm (`float`, *optional*): clip gradients to this norm in this phase (`None`: the run's).
     """
 
     name: str
@@ -38,6 +39,7 @@ class Phase:
     learning_rate: float
     mask_schedule: Callable[[int], float]
     warmup_steps: int = 0
+    max_grad_norm: float | None = None
 
     def ratio(self, global_step: int) -> float:
         return self.mask_schedule(global_step - self.start)
@@ -87,11 +89,31 @@ def build_phases(
         else:
             last_ratio = mask_schedule(max(masked_steps - 1, 0))
             schedule = CosinePowerMaskSchedule(num_steps=unmask_steps, initial_ratio=last_ratio, power=4)
+        end = masked_steps + unmask_steps
+        phases.append(Phase("unmask", masked_steps, end, unmask_batch_size, unmask_learning_rate, schedule))
+    return phases
+
+
+def staged_phases(stages: Sequence[dict], name: str = "masked") -> list[Phase]:
+    """Consecutive phases from stage settings, each ``{"steps", "mask_ratio", "batch_size", "learning_rate"}`` with
+    optional ``"warmup_steps"`` (restarting at the stage's first step) and ``"max_grad_norm"``: MaskDM's staged
+    pre-training, e.g. 90% masks at batch 128 for 200k steps, then 50% at batch 64 with clipping for 500k."""
+    phases, start = [], 0
+    for i, stage in enumerate(stages):
+        end = start + stage["steps"]
         phases.append(
             Phase(
-                "unmask", masked_steps, masked_steps + unmask_steps, unmask_batch_size, unmask_learning_rate, schedule
+                f"{name}-{i + 1}" if len(stages) > 1 else name,
+                start,
+                end,
+                stage["batch_size"],
+                stage["learning_rate"],
+                ConstantMaskSchedule(stage["mask_ratio"]),
+                stage.get("warmup_steps", 0),
+                stage.get("max_grad_norm"),
             )
         )
+        start = end
     return phases
 
 
@@ -110,3 +132,11 @@ def learning_rate_at(phases: Sequence[Phase], step: int) -> float:
 def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
+
+
+def phases_mask_schedule(phases: Sequence[Phase]):
+    """The mask ratio of consecutive constant-ratio phases as one schedule, for the record: the phase's own for one
+    phase, a `StagedMaskSchedule` for several (`staged_phases`)."""
+    if len(phases) == 1:
+        return phases[0].mask_schedule
+    return StagedMaskSchedule([(phase.end, phase.ratio(phase.start)) for phase in phases])

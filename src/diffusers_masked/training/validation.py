@@ -4,12 +4,14 @@ TensorBoard, and the built-in digits run's final evaluation (FID against the rea
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+
+from ..utils.io import atomic_write
+from .outputs import record_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +53,16 @@ def image_grid(images, rows: int, cols: int):
     return make_image_grid([border(image) for image in images], rows=rows, cols=cols)
 
 
-def save_validation_grid(accelerator, grid, output_dir: str | os.PathLike, global_step: int, tag: str = "validation"):
-    """Write a validation grid to ``output_dir/validation/step-N.png`` and to TensorBoard (main process only)."""
+def save_validation_grid(
+    accelerator, grid, output_dir: str | os.PathLike, global_step: int, run_id: str, tag: str = "validation"
+):
+    """Write a validation grid to ``output_dir/validation/step-N.png`` (recorded as the run's `run_id`'s) and to
+    TensorBoard (main process only)."""
     if not accelerator.is_main_process:
         return
-    folder = Path(output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
-    grid.save(folder / f"step-{global_step:07d}.png")
+    name = f"validation/step-{global_step:07d}.png"
+    atomic_write(Path(output_dir) / name, lambda tmp: grid.save(tmp, format="PNG"))
+    record_outputs(output_dir, run_id, [name])
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -67,7 +72,6 @@ def save_validation_grid(accelerator, grid, output_dir: str | os.PathLike, globa
 
 def evaluate_on_digits(
     pipeline,
-    output_dir: str | os.PathLike,
     *,
     num_samples_per_class: int,
     resolution: int,
@@ -78,7 +82,7 @@ def evaluate_on_digits(
     **sampling_kwargs,
 ):
     """The built-in digits run's final evaluation (`evaluate_pipeline_on_digits`: FID against the real set, the
-    real-vs-real floor and, class-conditional, the accuracy), written to ``eval_results.json``.
+    real-vs-real floor and, class-conditional, the accuracy).
 
     Returns:
         `tuple`: ``(metrics, eval_results, grid)``: the numbers, their model-card entries, and a grid of exactly the
@@ -109,6 +113,5 @@ def evaluate_on_digits(
         if enough
         else None
     )
-    Path(output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
     logger.info("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics, eval_results_for_model_card(metrics), grid

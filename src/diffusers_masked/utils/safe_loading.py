@@ -8,6 +8,10 @@
   `pickle.load`: `check_dcp_metadata` reads it first with an unpickler that resolves only checkpoint metadata.
 
 Every function raises `ValueError` naming the file (plus the caller's ``hint``, e.g. what to do instead).
+
+Arguments that take a local path or a Hub id go through `check_path_or_hub_id` first, so a mistyped local path says
+"no such file or folder" instead of reaching the Hub as a repo id; `check_model_folder` refuses a local diffusers
+folder that holds another model class before anything is loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import types
 from collections import OrderedDict
 from pathlib import Path
@@ -27,10 +32,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_dcp_metadata",
+    "check_model_folder",
+    "check_path_or_hub_id",
     "check_safetensors",
     "check_torch_archive",
     "load_safetensors",
     "load_torch_file",
+    "no_such_path",
     "read_json",
     "shape_mismatch",
 ]
@@ -55,6 +63,93 @@ def shape_mismatch(expected: dict, found: dict) -> str:
     return "; ".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Local paths and Hub ids
+# ---------------------------------------------------------------------------------------------------------
+
+# A Hub repo id: ``name`` or ``org/name`` of letters, digits, ``-``, ``_`` and ``.`` (huggingface_hub's rule).
+_HUB_ID = re.compile(r"[\w\-][\w\-.]*(/[\w\-][\w\-.]*)?")
+# Names ending like this are files, never repo ids (``--vae autoencoder_kl.pth``).
+_FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".npz", ".json")
+
+
+def no_such_path(path: str | os.PathLike, name: str) -> str:
+    """The message for a local path that does not exist: ``"<name>: no such file or folder: <path>"``."""
+    return f"{name}: no such file or folder: {os.fspath(path)}"
+
+
+def check_path_or_hub_id(value: str | os.PathLike | None, name: str) -> None:
+    """Refuse a value that can only be a local path (absolute, ``./``, ``../``, ``~``, a backslash, more than one
+    ``/``, a checkpoint file name, or an `os.PathLike`) when nothing exists there; ``name`` and ``org/name`` that are
+    not local paths are Hub ids and left to the loader.
+
+    Args:
+        value: the path or Hub id (`None` passes).
+        name (`str`): the argument or flag it came from, for the message (e.g. ``"--vae"``).
+
+    Raises:
+        ValueError: ``"<name>: no such file or folder: <value>"``.
+    """
+    if value is None or os.path.exists(value):
+        return
+    text = os.fspath(value)
+    hub_id = (
+        isinstance(value, str)
+        and _HUB_ID.fullmatch(text) is not None
+        and ".." not in text
+        and not text.lower().endswith(_FILE_SUFFIXES)
+    )
+    if not hub_id:
+        raise ValueError(no_such_path(text, name))
+
+
+def check_model_folder(
+    path: str | os.PathLike,
+    class_name: str,
+    subfolder: str | None = None,
+    name: str = "model",
+    subfolder_name: str = "subfolder",
+) -> None:
+    """Refuse, before anything is loaded, a local diffusers folder that does not hold a ``class_name`` model: its
+    ``config.json`` must name that class (``_class_name``). A pipeline folder given without its subfolder is told which
+    one holds the model. A Hub id is left to the loader; a missing local path is refused by `check_path_or_hub_id`.
+
+    Args:
+        path: the folder or Hub id.
+        class_name (`str`): e.g. ``"AutoencoderKL"``.
+        subfolder (`str`, *optional*): the model's folder inside ``path`` (e.g. ``"vae"``).
+        name (`str`), subfolder_name (`str`): the arguments or flags they came from, for the message.
+
+    Raises:
+        ValueError: naming the folder, what it holds instead and what to pass.
+    """
+    check_path_or_hub_id(path, name)
+    root = Path(path)
+    if not root.exists():
+        return  # a Hub id
+    if not root.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file; it must be a diffusers {class_name} folder")
+    folder = root / subfolder if subfolder else root
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        config = read_json(config_file)
+        found = config.get("_class_name") if isinstance(config, dict) else None
+        if found == class_name:
+            return
+        raise ValueError(
+            f"{name} {str(path)!r} must be a diffusers {class_name} folder, but {config_file} describes "
+            + (f"a {found}" if found else "no diffusers model (it names no _class_name)")
+        )
+    hint = ""
+    if not subfolder and (root / "model_index.json").is_file():
+        index = read_json(root / "model_index.json")
+        components = [key for key, value in index.items() if isinstance(value, list) and value[-1:] == [class_name]]
+        if components:
+            hint = f"; it is a pipeline folder whose {components[0]!r} holds the {class_name}: pass {subfolder_name} "
+            hint += components[0]
+    raise ValueError(f"{name} {str(path)!r} is not a diffusers {class_name} folder: {folder} has no config.json{hint}")
+
+
 def read_json(path: str | os.PathLike, hint: str = "") -> Any:
     """The parsed content of a JSON file.
 
@@ -67,7 +162,8 @@ def read_json(path: str | os.PathLike, hint: str = "") -> Any:
     except FileNotFoundError:
         raise ValueError(_with_hint(f"{path} is missing", hint)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(_with_hint(f"{path} is damaged ({err})", hint)) from err
+        # The message names the file and the parser's error: one line, without the parser's traceback.
+        raise ValueError(_with_hint(f"{path} is damaged ({err})", hint)) from None
 
 
 def check_safetensors(path: str | os.PathLike, hint: str = "") -> None:
@@ -230,6 +326,15 @@ def _restricted_pickle_module(stubbed: set[str]) -> types.ModuleType:
     return module
 
 
+def _unreadable_checkpoint(path: Path, err: Exception) -> str:
+    # torch's own message for a truncated archive runs to several sentences; its first one says what failed.
+    first = str(err).split(". ")[0].strip()
+    return (
+        f"{path} is not a readable torch checkpoint: truncated, damaged or another format ({type(err).__name__}: "
+        f"{first})"
+    )
+
+
 def load_torch_file(path: str | os.PathLike):
     """Read a checkpoint file without executing anything it contains.
 
@@ -249,7 +354,9 @@ def load_torch_file(path: str | os.PathLike):
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no such file: {path}" if not path.exists() else f"checkpoint {str(path)!r} is not a file")
+        raise ValueError(
+            no_such_path(path, "checkpoint") if not path.exists() else f"checkpoint {str(path)!r} is not a file"
+        )
     if path.suffix == ".safetensors":
         return load_safetensors(path)[0]
     try:
@@ -257,14 +364,14 @@ def load_torch_file(path: str | os.PathLike):
     except pickle.UnpicklingError as error:
         first_error = error
     except Exception as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(_unreadable_checkpoint(path, err)) from err
     stubbed: set[str] = set()
     try:
         checkpoint = torch.load(
             path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(stubbed)
         )
     except Exception as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(_unreadable_checkpoint(path, err)) from err
     logger.info(
         f"{path.name} holds more than tensors ({first_error.__class__.__name__} from weights_only=True); read it with "
         f"tensor rebuilding only, these globals were replaced by inert stubs: {sorted(stubbed)}"

@@ -15,6 +15,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
+from ..arguments import check_common_flags
 from . import maskdit, maskdm
 
 # Flags that say where the data comes from: given on the command line, they replace the recipe's source as a whole.
@@ -35,6 +36,8 @@ class Recipe:
         notes (`str`, *optional*): conflicts between the paper and the official code, what is not given, and why
             each of ``ours`` is what it is.
         version (`int`, defaults to 1): bumped whenever a value changes, and recorded with the run.
+        requires (`tuple[str]`, *optional*): flags the user must give (``"data"``: ``--dataset_name`` or
+            ``--train_data_dir``), e.g. the start weights of a fine-tuning recipe.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Recipe:
     ours: tuple = field(default_factory=tuple)
     notes: str = ""
     version: int = 1
+    requires: tuple = field(default_factory=tuple)
 
     @property
     def tag(self) -> str:
@@ -130,8 +134,12 @@ def parse_args_with_recipe(parser: argparse.ArgumentParser, argv, script: str) -
         parser.error(f"recipe {recipe.tag} sets flags this script does not have: {unknown}")
     parser.set_defaults(**flags)
     args = parser.parse_args(argv)
-    if args.dataset_name and args.train_data_dir:
-        parser.error("give either --dataset_name or --train_data_dir, not both")
+    for flag in recipe.requires:
+        given = (args.dataset_name or args.train_data_dir) if flag == "data" else getattr(args, flag)
+        if not given:
+            what = "--dataset_name or --train_data_dir" if flag == "data" else f"--{flag}"
+            parser.error(f"recipe {recipe.tag} needs {what}: {recipe.notes or recipe.summary}")
     args.recipe = recipe.tag
     args.builtin_digits = args.dataset_name is None and args.train_data_dir is None
+    check_common_flags(parser, args)
     return args
