@@ -52,6 +52,7 @@ def parse_args(argv=None):
         parser, presets="'S/2', 'B/2', 'L/2', 'XL/2'", blocks="the encoder and decoder blocks"
     )
     arguments.add_masking_arguments(parser, mask_ratio=0.5, mask_type="patch")
+    arguments.add_routing_arguments(parser)
     parser.add_argument(
         "--paper_decoder",
         action="store_true",
@@ -114,7 +115,8 @@ def training_step(batch, generator, mask_ratio: float, *, model, scheduler, data
     """MaskDiT on one micro-batch: clean samples (pixels, or latents drawn from their posteriors), labels dropped to
     the null class with `class_dropout_prob` (guidance), a mask of the model's `grid_size` token grid at this step's
     ratio, and the scheduler's objective: EDM denoising on the visible tokens + `mae_loss_weight` x MAE on the removed
-    ones. Every draw comes from `generator`, in this order, so a step is a function of (seed, step, process)."""
+    ones; with --tread_routes, routed tokens skip a span of encoder blocks (ids drawn last). Every draw comes from
+    `generator`, in this order, so a step is a function of (seed, step, process)."""
     clean = data.clean_samples(batch, generator, device)
     labels = None
     if data.num_classes:
@@ -136,6 +138,7 @@ def training_step(batch, generator, mask_ratio: float, *, model, scheduler, data
         num_masked=num_masked,
         mae_loss_weight=args.mae_loss_weight,
         generator=generator,
+        routes=args.tread_routes,
     )
 
 

@@ -63,6 +63,7 @@ def parse_args(argv=None):
         "--finetune_beta_schedule", default=None, choices=BETA_SCHEDULES, help="Defaults to --beta_schedule."
     )
     arguments.add_masking_arguments(parser, mask_block_size=4)
+    arguments.add_routing_arguments(parser)
     parser.add_argument(
         "--pretrain_stages",
         type=str,
@@ -159,7 +160,7 @@ def training_step(batch, generator, mask_ratio: float, *, model, scheduler, data
         # The count goes with the mask, so that neither the loss nor the model reads the mask on the host.
         num_masked = generated_mask_count(args.mask_type, grid_size, mask_ratio, args.mask_block_size)
     return scheduler.masked_training_loss(
-        model, clean, class_labels=labels, mask=mask, num_masked=num_masked, generator=generator
+        model, clean, labels, mask, generator=generator, num_masked=num_masked, routes=args.tread_routes
     )
 
 

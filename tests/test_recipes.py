@@ -26,6 +26,8 @@ def _parse(script, name, *extra):
         argv += ["--train_data_dir", str(REPO)]  # any folder that exists: parsing reads nothing from it
     if "pretrained_model_name_or_path" in recipe.requires:
         argv += ["--pretrained_model_name_or_path", str(REPO)]
+    if "vae" in recipe.requires:
+        argv += ["--vae", str(REPO)]
     return _script(script).parse_args(argv)
 
 
@@ -56,6 +58,30 @@ def test_an_unknown_recipe_or_a_missing_requirement_is_refused_naming_what_to_gi
     assert "needs --pretrained_model_name_or_path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _script("train_maskdm").parse_args(["--recipe", "celebahq256"])
+    assert "needs --dataset_name or --train_data_dir" in capsys.readouterr().err
+
+
+def test_dit_recipes_are_dits_and_treads_tables(capsys):
+    # DiT (Peebles & Xie 2023) section 5 and Table 4; TREAD (Krause et al. 2025) Table 2 and its route rule.
+    for name, layers, routed in [
+        ("imagenet256-dit-b2", 12, None),
+        ("imagenet256-tread-b2", 12, (2, 8)),
+        ("imagenet256-dit-xl2", 28, None),
+        ("imagenet256-tread-xl2", 28, (2, 24)),
+    ]:
+        args = _parse("train_dit", name)
+        assert (args.learning_rate, args.adam_weight_decay, args.ema_decay) == (1e-4, 0.0, 0.9999)
+        assert (args.train_batch_size * 8, args.max_train_steps, args.class_dropout_prob) == (256, 400_000, 0.1)
+        assert args.random_flip and args.resolution == 256 and args.vae == "stabilityai/sd-vae-ft-mse"
+        assert args.model_config_resolved["num_layers"] == layers
+        if routed is None:
+            assert args.tread_routes is None
+        else:
+            from diffusers_masked.routing import Route, resolve_routes
+
+            assert resolve_routes(args.tread_routes, layers) == (Route(0.5, *routed),)
+    with pytest.raises(SystemExit):
+        _script("train_dit").parse_args([])
     assert "needs --dataset_name or --train_data_dir" in capsys.readouterr().err
 
 

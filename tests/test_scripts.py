@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train_maskdit", "train_maskdm")
+SCRIPTS = ("train_maskdit", "train_maskdm", "train_dit")
 
 
 def _script(name):
@@ -44,14 +44,17 @@ def _actions(name) -> dict[str, argparse.Action]:
     return {action.option_strings[0]: action for action in parser._actions if action.option_strings}
 
 
-def test_every_flag_both_training_scripts_take_has_one_help_text_and_type():
-    maskdit, maskdm = (_actions(name) for name in SCRIPTS)
+@pytest.mark.parametrize("first, second", [(a, b) for i, a in enumerate(SCRIPTS) for b in SCRIPTS[i + 1 :]])
+def test_every_flag_two_training_scripts_take_has_one_help_text_and_type(first, second):
+    maskdit, maskdm = _actions(first), _actions(second)
     shared = sorted((set(maskdit) & set(maskdm)) - {"-h"})
-    # The data, model, masking, optimisation, output and sampling groups: at least these, defined once.
-    groups = ["--dataset_name", "--label_column", "--mask_type", "--mask_schedule", "--learning_rate", "--use_ema"]
+    # The data, model, optimisation, output and sampling groups: at least these, defined once.
+    groups = ["--dataset_name", "--label_column", "--learning_rate", "--use_ema", "--tread_routes"]
     groups += ["--checkpointing_steps", "--push_to_hub", "--guidance_scale", "--torch_compile", "--recipe"]
+    if "train_dit" not in (first, second):
+        groups += ["--mask_type", "--mask_schedule"]
     assert set(groups) <= set(shared)
-    assert len(shared) >= 45
+    assert len(shared) >= 40
     for flag in shared:
         a, b = maskdit[flag], maskdm[flag]
         assert a.help == b.help, flag

@@ -24,6 +24,7 @@ _LAZY = {
         "mask_schedule_from_dict",
         "parse_mask_schedule",
     ],
+    "routing": ["Route", "parse_routes", "token_routing"],
     "models.masked_dit": ["MaskedDiTTransformer2DModel", "MaskedDiTTransformer2DModelOutput"],
     "models.masked_uvit": ["MaskedUViTTransformer2DModel", "MaskedUViTTransformer2DModelOutput"],
     "schedulers.masked_training": [
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from .models.masked_uvit import MaskedUViTTransformer2DModel, MaskedUViTTransformer2DModelOutput  # noqa: F401
     from .pipelines.pipeline_maskdit import MaskDiTPipeline  # noqa: F401
     from .pipelines.pipeline_maskdm import MaskDMPipeline  # noqa: F401
+    from .routing import Route, parse_routes, token_routing  # noqa: F401
     from .schedulers.masked_training import (  # noqa: F401
         MaskedDDPMScheduler,
         MaskedTrainingMixin,

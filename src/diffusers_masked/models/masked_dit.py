@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
+from ..routing import plan_routes, routing_active
 from .attention import AdaLNProjection, AdaLNZeroBlock, gather_tokens, scatter_tokens
 from .modeling_utils import MaskedTransformerMixin, check_positive_ints
 
@@ -289,9 +290,13 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             return buffer
         return sincos_positions(dim, grid_h, grid_w, device=device)
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, plan=None) -> torch.Tensor:
+        for index, block in enumerate(blocks):
+            if plan is not None:
+                x = plan.enter(index, x)
             x = self._run_block(block, x, cond)
+            if plan is not None:
+                x = plan.leave(index, x)
         return x
 
     def forward(
@@ -302,6 +307,8 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         mask: torch.BoolTensor | None = None,
         return_dict: bool = True,
         num_masked: int | None = None,
+        routes=None,
+        route_ids: tuple[torch.Tensor, ...] | None = None,
     ) -> MaskedDiTTransformer2DModelOutput | tuple:
         """
         Args:
@@ -320,6 +327,13 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             num_masked (`int`, *optional*): The count of removed tokens per sample, when the caller knows it (e.g.
                 [`~diffusers_masked.masking.generated_mask_count`]); it must be the mask's. Without it the mask's
                 counts are read and checked, one device-to-host copy.
+            routes (`str`, `list` of [`~diffusers_masked.routing.Route`] or dicts, *optional*): Token routing (TREAD)
+                over the encoder blocks, in any form [`~diffusers_masked.routing.parse_routes`] takes: the routed
+                tokens of each route skip its blocks. Routes apply to the encoder's (visible) tokens, never the
+                decoder's, and only in train mode with gradients enabled; otherwise the forward ignores them.
+            route_ids (`tuple` of `torch.LongTensor`, *optional*): For each route, the `(batch, kept)` ids of the
+                tokens its blocks compute, among the encoder's tokens (e.g. from
+                [`~diffusers_masked.routing.draw_route_ids`]); drawn from torch's global generator when not given.
 
         In train mode, given `num_masked`, the forward reads no tensor values, so a training step does not make the
         host wait for the device and `torch.compile` sees one graph; the training scripts check the data's labels
@@ -349,7 +363,10 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         if num_removed:
             ids_keep = visible_token_ids(mask, num_visible)  # [B, N_vis]
             x = gather_tokens(x, ids_keep)  # [B, N_vis, D]
-        x = self._run_blocks(self.transformer_blocks, x, cond)
+        plan = None
+        if routes is not None and routing_active(self):
+            plan = plan_routes(routes, route_ids, self.config.num_layers, batch, num_visible, device)
+        x = self._run_blocks(self.transformer_blocks, x, cond, plan)
 
         if self.decoder_layer is not None:
             # Decoder: visible tokens at their places, the shared mask token everywhere else.

@@ -17,6 +17,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from ..masking import check_mask, unpatchify, visible_token_ids
+from ..routing import plan_routes, resolve_routes, routing_active
 from .attention import SelfAttention, gather_tokens, scatter_tokens
 from .masked_dit import MaskedDiTTransformer2DModelOutput
 from .modeling_utils import MaskedTransformerMixin, check_positive_ints
@@ -201,6 +202,20 @@ class MaskedUViTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             raise ValueError(f"preset name must be one of {list(MASKDM_SIZES)}, got {name!r}")
         return {**MASKDM_SIZES[name], "patch_size": MASKDM_PATCH_SIZE}
 
+    @classmethod
+    def resolve_routes(cls, routes, num_layers: int):
+        """`routes` resolved against `num_layers` blocks (in-blocks, mid-block, out-blocks), refusing a route that
+        splits a long skip (its in-block's output would be shorter or longer than its out-block's input)."""
+        resolved = resolve_routes(routes, num_layers)
+        for route in resolved:
+            if route.start_layer_idx + route.end_layer_idx != num_layers - 1:
+                raise ValueError(
+                    f"route {route._describe()} splits a long skip of this U-ViT ({num_layers} blocks: in-block i "
+                    f"feeds out-block {num_layers - 1} - i); a route must be symmetric about the mid-block "
+                    f"{num_layers // 2}: start_layer_idx + end_layer_idx == {num_layers - 1}"
+                )
+        return resolved
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -209,6 +224,8 @@ class MaskedUViTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         mask: torch.BoolTensor | None = None,
         return_dict: bool = True,
         num_masked: int | None = None,
+        routes=None,
+        route_ids: tuple[torch.Tensor, ...] | None = None,
     ) -> MaskedUViTTransformer2DModelOutput | tuple:
         """
         Args:
@@ -226,6 +243,14 @@ class MaskedUViTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
                 `(sample, mask)`.
             num_masked (`int`, *optional*): The count of removed tokens per sample, when the caller knows it; as in
                 [`MaskedDiTTransformer2DModel.forward`], with it a train-mode forward reads no tensor values.
+            routes (*optional*): Token routing (TREAD) over the blocks, numbered in-blocks, mid-block, out-blocks
+                (0 ... `num_layers - 1`), in any form [`~diffusers_masked.routing.parse_routes`] takes. A route must
+                not split a long skip: it covers in-block `i` iff it covers out-block `num_layers - 1 - i`, i.e.
+                `start_layer_idx + end_layer_idx == num_layers - 1`. The time and label tokens are never routed.
+                Only in train mode with gradients enabled; otherwise ignored.
+            route_ids (`tuple` of `torch.LongTensor`, *optional*): For each route, the `(batch, kept)` ids of the
+                patch tokens its blocks compute, among the visible ones; drawn from torch's global generator when
+                not given.
         """
         config = self.config
         timestep, class_labels = self._check_inputs(hidden_states, timestep, class_labels)
@@ -259,13 +284,31 @@ class MaskedUViTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             ids_keep = visible_token_ids(mask, num_visible)  # [B, N_vis]
             x = torch.cat([x[:, :extras], gather_tokens(x[:, extras:], ids_keep)], dim=1)  # [B, E + N_vis, D]
 
+        plan = None
+        if routes is not None and routing_active(self):
+            plan = plan_routes(
+                self.resolve_routes(routes, config.num_layers),
+                route_ids,
+                config.num_layers,
+                batch,
+                num_visible,
+                x.device,
+                extras,
+            )
+        blocks = [*self.in_blocks, self.mid_block, *self.out_blocks]
         skips = []
-        for block in self.in_blocks:
-            x = self._run_block(block, x)
-            skips.append(x)
-        x = self._run_block(self.mid_block, x)
-        for block in self.out_blocks:
-            x = self._run_block(block, x, skips.pop())
+        for index, block in enumerate(blocks):
+            if plan is not None:
+                x = plan.enter(index, x)
+            if index < len(self.in_blocks):
+                x = self._run_block(block, x)
+                skips.append(x)
+            elif index == len(self.in_blocks):
+                x = self._run_block(block, x)
+            else:
+                x = self._run_block(block, x, skips.pop())
+            if plan is not None:
+                x = plan.leave(index, x)
 
         out = self.proj_out(self.norm_out(x[:, extras:]))  # [B, N_vis, p*p*C_out]
         if num_removed:

@@ -64,6 +64,14 @@ class MaskedTransformerMixin(StrictLoadingMixin):
         """Build a model from a preset name (see `preset_config`); any config argument can be overridden."""
         return cls(**{**cls.preset_config(name), **overrides})
 
+    @classmethod
+    def resolve_routes(cls, routes, num_layers: int):
+        """Token routes (any form `diffusers_masked.routing.parse_routes` takes) resolved against a model of
+        `num_layers` blocks, or a `ValueError` naming the route and the rule."""
+        from ..routing import resolve_routes
+
+        return resolve_routes(routes, num_layers)
+
     @property
     def num_classes(self) -> int:
         return self.config.num_classes

@@ -29,8 +29,6 @@ import keyword
 import math
 import numbers
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard
 
 # A folder saved by diffusers-masked 0.1 names our components by their module path, which diffusers resolves only
 # among modules already imported (it imports nothing a repository names). Importing them here keeps such folders
@@ -49,6 +47,7 @@ from ..models import masked_dit  # noqa: F401
 from ..schedulers import masked_training, scheduling_edm_heun  # noqa: F401
 from ..utils.safe_loading import check_path_or_hub_id, read_json
 from ..version import __version__
+from .hub import build_model_card, check_extra_files, upload_saved
 
 PROJECT_URL = "https://pypi.org/project/diffusers-masked/"
 MODEL_CARD_TAGS = ["masked-diffusion", "diffusers-masked"]
@@ -556,29 +555,9 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         model gets no `pipeline_tag` (the unconditional one would misfile it) and the tag `class-conditional`."""
         name = repo_id or self.__class__.__name__
         conditional = bool(self.num_classes)
-        card_data = ModelCardData(
-            library_name="diffusers",
-            license=license,
-            tags=[*MODEL_CARD_TAGS, *self._model_card_tags, "class-conditional" if conditional else "unconditional"],
-            pipeline_tag=None if conditional else "unconditional-image-generation",
-            datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
-            model_name=name if eval_results else None,
-            eval_results=eval_results or None,
-        )
         transformer = getattr(self, "transformer", None)
-        configs = {
-            "transformer": dict(transformer.config) if transformer is not None else None,
-            "scheduler": dict(self.scheduler.config),
-        }
-        sections = [
-            f"# {name}\n",
-            f"A {self.__class__.__name__} trained with [diffusers-masked]({PROJECT_URL}), masked training of "
-            f"diffusion transformers in the diffusers family. Method: {self._paper}.\n",
-        ]
-        if sample_image:
-            sections.append(f"![samples]({sample_image})\n")
-        sections.append(
-            "## Use\n\n```bash\npip install diffusers-masked\n```\n\n```python\n"
+        use = (
+            "```bash\npip install diffusers-masked\n```\n\n```python\n"
             "from diffusers import DiffusionPipeline\n\n"
             f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}", trust_remote_code=True)\n'
             f"{self._usage_example()}\n```\n\n"
@@ -588,41 +567,23 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             f"`diffusers_masked.{self.__class__.__name__}.from_pretrained(...)` instead: without the flag it checks "
             "that those imports are all the code there is, and refuses anything else.\n"
         )
-        if eval_results:
-            rows = "\n".join(
-                f"| {r.metric_name or r.metric_type} | {r.metric_value:.4g} | {r.dataset_name} |" for r in eval_results
-            )
-            sections.append(f"## Evaluation\n\n| metric | value | dataset |\n|---|---|---|\n{rows}\n")
-        if training_config:
-            recipe = training_config.get("recipe")
-            changed = training_config.get("resumed") or []
-            summary = (
-                f"Recipe `{recipe}` (`--recipe {str(recipe).split('@')[0]}`), with the flags below.\n\n"
-                if recipe
-                else ""
-            )
-            if changed:
-                summary += (
-                    "Changed on resuming: "
-                    + "; ".join(
-                        f"from step {entry['at_step']}: "
-                        + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in entry["changed"].items())
-                        for entry in changed
-                    )
-                    + ".\n\n"
-                )
-            sections.append(
-                "## Training\n\n"
-                + summary
-                + "```json\n"
-                + json.dumps(training_config, indent=2, sort_keys=True, default=str)
-                + "\n```\n"
-            )
-        sections.append(
-            "## Components\n\n```json\n" + json.dumps(configs, indent=2, sort_keys=True, default=str) + "\n```\n"
+        return build_model_card(
+            name,
+            intro=f"A {self.__class__.__name__} trained with [diffusers-masked]({PROJECT_URL}), masked training of "
+            f"diffusion transformers in the diffusers family. Method: {self._paper}.",
+            use=use,
+            tags=[*MODEL_CARD_TAGS, *self._model_card_tags],
+            conditional=conditional,
+            configs={
+                "transformer": dict(transformer.config) if transformer is not None else None,
+                "scheduler": dict(self.scheduler.config),
+            },
+            training_config=training_config,
+            eval_results=eval_results,
+            dataset_name=dataset_name,
+            sample_image=sample_image,
+            license=license,
         )
-        content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections)
-        return ModelCard(content)
 
     def _usage_example(self) -> str:
         return "images = pipe().images"
@@ -645,25 +606,17 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         `extra_files` maps names in the repo to local files uploaded beside the pipeline (a training run's
         ``samples.png``, which its model card shows). Returns the `huggingface_hub` commit info of the upload.
         """
-        extra_files = dict(extra_files or {})
-        for name, path in extra_files.items():
-            if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
-                raise ValueError(f"extra_files names must be relative paths inside the repo, got {name!r}")
-            if not Path(path).is_file():
-                raise ValueError(f"extra_files[{name!r}] = {str(path)!r} is not a file")
+        extra_files = check_extra_files(extra_files)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         card = model_card or self.create_model_card(
             repo_id, training_config=training_config, eval_results=eval_results
         )
-        with tempfile.TemporaryDirectory() as tmpdir:
-            self.save_pretrained(tmpdir, model_card=card, safe_serialization=safe_serialization)
-            for name, path in extra_files.items():
-                (Path(tmpdir) / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, Path(tmpdir) / name)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmpdir,
-                commit_message=commit_message or f"Upload {self.__class__.__name__}",
-                create_pr=create_pr,
-            )
+        return upload_saved(
+            api,
+            repo_id,
+            lambda folder: self.save_pretrained(folder, model_card=card, safe_serialization=safe_serialization),
+            extra_files,
+            commit_message=commit_message or f"Upload {self.__class__.__name__}",
+            create_pr=create_pr,
+        )

@@ -15,6 +15,7 @@ Two objectives, chosen by the scheduler class the mixin sits on (see [`MaskedTra
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..masking import check_mask, num_masked_tokens, patchify, random_mask
+from ..routing import draw_route_ids, parse_routes, routing_active, unwrap_model
 
 # The EDM paper's training noise distribution ln(sigma) ~ N(P_mean, P_std^2), used when the scheduler's config does
 # not carry its own (e.g. the mixin on diffusers' EDMDPMSolverMultistepScheduler).
@@ -104,7 +106,11 @@ class MaskedTrainingMixin:
        generator)`, i.e. `torch.rand(batch, num_tokens)`;
     2. the noise level: EDM `torch.randn(batch)` (float32), giving `sigma = exp(P_mean + P_std * z)`; DDPM
        `torch.randint(0, num_train_timesteps, (batch,))`;
-    3. the noise: `torch.randn(clean_samples.shape)` (float32).
+    3. the noise: `torch.randn(clean_samples.shape)` (float32);
+    4. only with `routes` and a model in train mode with gradients enabled: for each route, the kept tokens'
+       `torch.rand(batch, num_visible_tokens)` ([`~diffusers_masked.routing.draw_route_ids`]).
+
+    So adding routes to a seeded run changes no earlier draw.
 
     Noise levels, weights and the reductions are computed in float32 with autocast disabled; only the model call
     runs under the caller's autocast, so bf16/fp16 training does not overflow the EDM weight.
@@ -120,6 +126,7 @@ class MaskedTrainingMixin:
         mae_loss_weight: float = 0.0,
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
+        routes=None,
     ) -> MaskedTrainingOutput:
         r"""
         Compute the masked training loss of `model` on a batch of clean samples.
@@ -152,6 +159,12 @@ class MaskedTrainingMixin:
                 [`~diffusers_masked.masking.generated_mask_count`]). With it, or with a mask drawn here, neither
                 this call nor the model's forward reads a tensor value, so the step never makes the host wait for
                 the device; without it the mask's counts are read and checked once.
+            routes (*optional*):
+                Token routing (TREAD) for a model that takes `routes=` and `route_ids=` in its forward (ours), in
+                any form [`~diffusers_masked.routing.parse_routes`] takes; the ids are drawn here, after the noise,
+                among the visible tokens. The loss is unchanged: every visible token's output counts. For diffusers'
+                own `DiTTransformer2DModel` / `PixArtTransformer2DModel`, wrap forward and backward in
+                [`~diffusers_masked.routing.token_routing`] instead.
 
         Returns:
             [`MaskedTrainingOutput`]: the loss (with gradient), its detached parts and the mask used.
@@ -173,6 +186,14 @@ class MaskedTrainingMixin:
             raise ValueError(
                 f"class_labels must be a tensor of shape ({batch_size},), got "
                 f"{tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels)}"
+            )
+
+        routes = parse_routes(routes)
+        if routes and not _takes_routes(model):
+            raise TypeError(
+                f"routes= needs a model whose forward takes routes= and route_ids= (MaskedDiTTransformer2DModel, "
+                f"MaskedUViTTransformer2DModel); for {type(unwrap_model(model)).__name__}, wrap forward and backward "
+                "in diffusers_masked.routing.token_routing(model, routes, generator) instead"
             )
 
         device = clean_samples.device
@@ -211,8 +232,12 @@ class MaskedTrainingMixin:
         # The model sees its input in the data's dtype (float32 unless the caller trains in pure half precision).
         model_input = model_input.to(clean_samples.dtype)
         # With a mask the model also gets its count, so that it need not read the mask to size its token gather.
-        mask_kwargs = {"mask": model_mask, "num_masked": num_removed} if model_mask is not None else {"mask": None}
-        model_output = model(model_input, timestep, class_labels=class_labels, **mask_kwargs).sample
+        # Without one it gets no mask argument at all: diffusers' own transformers take none.
+        extra_kwargs = {"mask": model_mask, "num_masked": num_removed} if model_mask is not None else {}
+        if routes and routing_active(unwrap_model(model)):
+            route_ids = draw_route_ids(routes, batch_size, num_tokens - num_removed, generator, device)
+            extra_kwargs.update(routes=routes, route_ids=route_ids)
+        model_output = model(model_input, timestep, class_labels=class_labels, **extra_kwargs).sample
         if tuple(model_output.shape) != tuple(clean_samples.shape):
             raise ValueError(
                 f"the model's output has shape {tuple(model_output.shape)} but clean_samples has "
@@ -361,10 +386,13 @@ def _check_mae_loss_weight(mae_loss_weight) -> float:
     return float(mae_loss_weight)
 
 
+def _takes_routes(model) -> bool:
+    parameters = inspect.signature(unwrap_model(model).forward).parameters
+    return "routes" in parameters and "route_ids" in parameters
+
+
 def _model_patch_size(model) -> int:
-    config = getattr(model, "config", None)
-    if config is None and isinstance(getattr(model, "module", None), torch.nn.Module):  # DistributedDataParallel
-        config = getattr(model.module, "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     patch_size = getattr(config, "patch_size", None)
     if not isinstance(patch_size, int) or patch_size < 1:
         raise TypeError(

@@ -209,6 +209,33 @@ def add_masking_arguments(
     )
 
 
+def routes_argument(text: str) -> str | None:
+    """``--tread_routes``'s value: routes in their JSON form (`diffusers_masked.routing.parse_routes`), normalised, or
+    `None` for ``none`` / ``[]``."""
+    from ..routing import routes_to_json
+
+    try:
+        return routes_to_json(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tread_routes``: token routing (TREAD) at every training step."""
+    group = parser.add_argument_group("token routing (TREAD)")
+    group.add_argument(
+        "--tread_routes",
+        type=routes_argument,
+        default=None,
+        metavar="JSON",
+        help="Route tokens past a span of blocks in training, e.g. "
+        '\'[{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -4}]\': that share of the tokens skips '
+        "blocks start..end (inclusive; negative counts from the end) at every training step. MaskDiT: the encoder's "
+        "blocks, over its visible tokens; MaskDM's U-ViT: a span symmetric about the mid-block; a stock DiT: its "
+        "transformer_blocks. The saved model is the plain model. Recorded in the run config and model card.",
+    )
+
+
 def add_optimisation_arguments(
     parser: argparse.ArgumentParser, adam_beta1=None, adam_beta2=None, adam_weight_decay=None
 ):
@@ -369,7 +396,7 @@ def _check_hub_access(parser, token: str | None) -> None:
         parser.error(f"--push_to_hub: the Hub did not accept the token ({type(err).__name__}: {err})")
 
 
-def resolve_model_config(spec: str, model_cls) -> dict:
+def resolve_model_config(spec: str, model_cls, presets=None) -> dict:
     """A model config from a preset name, a JSON string or a path to a ``config.json``; private keys dropped.
 
     Raises:
@@ -391,7 +418,7 @@ def resolve_model_config(spec: str, model_cls) -> dict:
             raise ValueError(f"{text} is not a readable JSON config ({err})") from None
     else:
         try:
-            return dict(model_cls.preset_config(text))
+            return dict((presets or model_cls.preset_config)(text))
         except ValueError as err:
             if text.endswith(".json") or os.sep in text:
                 raise ValueError(f"no such config file: {text} (nor is it a preset: {err})") from None
@@ -422,7 +449,7 @@ def resolve_model_config(spec: str, model_cls) -> dict:
     return config
 
 
-def resolve_schedule_and_model_config(parser, args, model_cls) -> None:
+def resolve_schedule_and_model_config(parser, args, model_cls, presets=None) -> None:
     """Check ``--mask_schedule`` / ``--mask_ratio`` and ``--model_config`` before any work, into
     ``args.mask_schedule_resolved`` and ``args.model_config_resolved`` (`None` with start weights); exits through
     `parser.error` naming the flag."""
@@ -433,9 +460,34 @@ def resolve_schedule_and_model_config(parser, args, model_cls) -> None:
     args.model_config_resolved = None
     if args.pretrained_model_name_or_path is None:
         try:
-            args.model_config_resolved = resolve_model_config(args.model_config, model_cls)
+            args.model_config_resolved = resolve_model_config(args.model_config, model_cls, presets)
         except (ValueError, TypeError, KeyError) as err:
             parser.error(f"--model_config: {err}")
+    if getattr(args, "tread_routes", None):
+        check_routes_flag(parser, args, model_cls)
+
+
+def check_routes_flag(parser, args, model_cls) -> None:
+    """``--tread_routes`` against the depth of the model the run trains (its config, or its start weights'), before
+    any work: a route off the model's blocks, out of order or (U-ViT) splitting a long skip exits naming the route and
+    the rule."""
+    from ..routing import resolve_routes
+    from .models import start_model_config
+
+    config = args.model_config_resolved
+    if config is None:
+        try:
+            config = start_model_config(args.pretrained_model_name_or_path, model_cls)
+        except Exception:  # unreadable here (e.g. a Hub id offline): the model's forward checks the routes instead
+            return
+    default = inspect.signature(model_cls.__init__).parameters.get("num_layers")
+    num_layers = config.get("num_layers", default.default if default is not None else None)
+    if not isinstance(num_layers, int):
+        return
+    try:
+        getattr(model_cls, "resolve_routes", resolve_routes)(args.tread_routes, num_layers)
+    except ValueError as err:
+        parser.error(f"--tread_routes: {err}")
 
 
 # ---------------------------------------------------------------------------------------------------------

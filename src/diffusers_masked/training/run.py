@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..pipelines.stock import publisher
 from ..utils.io import atomic_write_text, fsync_tree, staging_dir
 from .checkpoints import (
     _run_id_of,
@@ -245,6 +246,7 @@ def publish_run(
     writes are removed, nothing else is touched. Then optionally pushed to the Hub."""
     output_dir = Path(output_dir)
     repo_id = repo_id or output_dir.resolve().name
+    pipeline = publisher(pipeline)  # a stock diffusers pipeline is saved as it is, with our card beside it
     card = pipeline.create_model_card(
         repo_id,
         training_config=training_config,

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..arguments import check_common_flags
-from . import maskdit, maskdm
+from . import dit, maskdit, maskdm
 
 # Flags that say where the data comes from: given on the command line, they replace the recipe's source as a whole.
 DATA_SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir")
@@ -70,6 +70,7 @@ def _register(script: str, definitions: list[dict]) -> None:
 
 _register("train_maskdit", maskdit.RECIPES)
 _register("train_maskdm", maskdm.RECIPES)
+_register("train_dit", dit.RECIPES)
 
 
 def get_recipe(script: str, name: str) -> Recipe:
@@ -119,7 +120,10 @@ def parse_args_with_recipe(parser: argparse.ArgumentParser, argv, script: str) -
         print(recipe_table(script))
         sys.exit(0)
     given_source = any(getattr(known, name, None) is not None for name in ("dataset_name", "train_data_dir"))
-    name = known.recipe or ("default" if given_source else "digits")
+    # A script with no built-in default (train_dit: latents need the user's VAE) takes its `default` recipe, whose
+    # `requires` then names what to give.
+    builtin = "digits" in RECIPES.get(script, {})
+    name = known.recipe or ("default" if given_source or not builtin else "digits")
     try:
         recipe = get_recipe(script, name)
     except ValueError as err:
