@@ -82,6 +82,8 @@ class Arm:
     mae_loss_weight: float = 0.0
     unmask_fraction: float = 0.0  # the last fraction of the budget trained at mask ratio 0
     baseline: str | None = None  # the unmasked arm this one is compared with; None for a baseline
+    routes: str | None = None  # token routing (TREAD) at every step, as --tread_routes takes it
+    decoder: bool = True  # MaskDiT arms: keep the model's decoder (False: a plain DiT, decoder_num_layers=0)
 
 
 ARMS = {
@@ -146,6 +148,8 @@ def build(arm: Arm, quick: bool, resolution: int):
     """The model, its training scheduler, and how to make a sampling pipeline of it."""
     if arm.method == "maskdit":
         config = {**MASKDIT_CONFIG, "sample_size": resolution, **(QUICK_OVERRIDES if quick else {})}
+        if not arm.decoder:
+            config["decoder_num_layers"] = 0
         model = MaskedDiTTransformer2DModel(**config)
         return model, EDMHeunScheduler(), lambda m: MaskDiTPipeline(m, EDMHeunScheduler())
     config = {**UVIT_CONFIG, "sample_size": resolution, **({"num_layers": 1} if quick else {})}
@@ -198,7 +202,7 @@ def train_arm(name: str, seed: int, images: torch.Tensor, labels: torch.Tensor, 
             class_labels = drop_class_labels(labels[index], NUM_CLASSES, dropout_prob=0.1, generator=generator)
         out = scheduler.masked_training_loss(
             model, images[index], class_labels, mask_ratio=ratio,
-            mae_loss_weight=arm.mae_loss_weight if ratio else 0.0, generator=generator,
+            mae_loss_weight=arm.mae_loss_weight if ratio else 0.0, generator=generator, routes=arm.routes,
         )  # fmt: skip
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate * min(1.0, (step + 1) / max(1, args.warmup_steps))

@@ -7,8 +7,9 @@ on the optimizer and EMA that ``prepare_training`` builds. For each DiT size, ba
 
 * diffusers' ``DiTTransformer2DModel`` with the same encoder (4 -> 8 channels: DiT also learns sigma; the loss is
   taken on its first 4), through the same step,
-* ours with MaskDiT's decoder (8 blocks x 512), with a lighter one (see :func:`light_decoder`) and without one, at each
-  mask ratio,
+* ours with MaskDiT's decoder (8 blocks x 512, ``paper``), with the preset's own (``preset``: sized to the paper's
+  XL/2 FLOP share, `preset_decoder`), with a lighter one (see :func:`light_decoder`) and without one, at each mask
+  ratio,
 * with ``--official_repo PATH`` (a checkout of Anima-Lab/MaskDiT), the official MaskDiT model at each mask ratio,
 
 eager and, with ``--compile blocks``, with the transformer blocks compiled; and, unless ``--skip_flops``, counts the
@@ -16,6 +17,8 @@ forward FLOPs of the XL/2 models. It prints a table and writes JSON.
 
     python benchmarks/train_step.py                   # S/2, batch 8, 4x32x32 latents, XL/2 FLOPs (~10 min, 2 cores)
     python benchmarks/train_step.py --sizes S/2 B/2 --steps 7
+    python benchmarks/train_step.py --sizes L/2 XL/2 --batch_sizes 2 --decoders preset --mask_ratios 0 0.5 \
+        --sequential --threads 2 --skip_flops      # the large presets, one process at a time (memory)
     python benchmarks/train_step.py --device cuda --sizes B/2 XL/2 --batch_sizes 32 64 128 --mask_ratios 0 0.5 \\
         --decoders paper --compile off blocks --attention_backend flash --skip_flops   # one GPU, fp32 and bf16
 
@@ -120,10 +123,18 @@ def parse_args(argv=None):
     parser.add_argument(
         "--decoders",
         nargs="+",
-        choices=["paper", "light", "none"],
-        default=["paper", "light"],
-        help="Our models to time: MaskDiT's 8x512 decoder ('paper'), the light one, and 'none' (our encoder alone, "
-        "decoder_num_layers=0: the same work as diffusers' DiT at mask 0, so it compares the implementations).",
+        choices=["paper", "preset", "light", "none"],
+        default=["paper", "preset"],
+        help="Our models to time: MaskDiT's 8x512 decoder ('paper'), the preset's own ('preset', what from_preset and "
+        "--model_config S/2 build), the light one, and 'none' (our encoder alone, decoder_num_layers=0: the same "
+        "work as diffusers' DiT at mask 0, so it compares the implementations).",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="One process at a time (DiT's, then each of ours) instead of all of a ratio's together, stepping in "
+        "turn: for presets whose models and optimizer states do not fit in memory side by side (L/2, XL/2 on a "
+        "24 GiB machine). Then the pairs are steps of equal index, not of the same round.",
     )
     parser.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per timed optimizer step."
@@ -217,11 +228,11 @@ def decoder_label(kind: str, preset: str) -> str:
         return "none"
     if kind == "official":
         return "8x512 official"
-    config = MaskedDiTTransformer2DModel.preset_config(preset)
+    config = MaskedDiTTransformer2DModel.preset_config(preset, paper_decoder=kind == "paper")
     if kind == "light":
         config = {**config, **light_decoder(preset)}
     width = config["decoder_num_attention_heads"] * config["decoder_attention_head_dim"]
-    return f"{config['decoder_num_layers']}x{width}" + (" paper" if kind == "paper" else " light")
+    return f"{config['decoder_num_layers']}x{width} {kind}"
 
 
 class Denoiser(torch.nn.Module):
@@ -267,7 +278,8 @@ def official_model(repo: Path, preset: str, resolution: int) -> torch.nn.Module:
 
 def build_model(kind: str, preset: str, resolution: int, official_repo: Path | None = None) -> torch.nn.Module:
     """``kind``: ``"dit"`` (diffusers), ``"official"`` (Anima-Lab/MaskDiT from `official_repo`), ``"paper"`` (ours,
-    MaskDiT's 8x512 decoder), ``"light"`` (ours) or ``"none"`` (ours without a decoder)."""
+    MaskDiT's 8x512 decoder), ``"preset"`` (ours, the preset's decoder), ``"light"`` (ours) or ``"none"`` (ours
+    without a decoder)."""
     config = MaskedDiTTransformer2DModel.preset_config(preset)
     if kind == "official":
         return Denoiser(official_model(official_repo, preset, resolution), config["patch_size"], official=True)
@@ -285,7 +297,12 @@ def build_model(kind: str, preset: str, resolution: int, official_repo: Path | N
         return Denoiser(dit, config["patch_size"])
     overrides = {"light": light_decoder(preset), "none": {"decoder_num_layers": 0}}.get(kind, {})
     return MaskedDiTTransformer2DModel.from_preset(
-        preset, sample_size=resolution, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **overrides
+        preset,
+        paper_decoder=kind == "paper",
+        sample_size=resolution,
+        in_channels=IN_CHANNELS,
+        num_classes=NUM_CLASSES,
+        **overrides,
     )
 
 
@@ -397,33 +414,40 @@ def time_size(args, preset: str, dtype: str, batch_size: int, compile_mode: str)
     for ratio in args.mask_ratios:
         for process_set in range(args.processes):
             kinds = ["dit", *ours]
-            processes = {}
-            try:
-                for kind in kinds:
-                    spec = {**common, "kind": kind, "mask_ratio": None if kind == "dit" else ratio}
-                    processes[kind] = IsolatedProcess(context, spec, build_step)
-                memory = {kind: process.ask("warmup") for kind, process in processes.items()}
-                order = list(processes.items())
-                times = {kind: [] for kind in kinds}
-                faults = {kind: [] for kind in kinds}
-                for step in range(args.steps):
-                    # Rotating the order keeps any model from always following the same other one.
-                    shift = step % len(order)
-                    for kind, process in order[shift:] + order[:shift]:
-                        seconds, step_faults = process.ask("step")
-                        times[kind].append(seconds)
-                        faults[kind].append(step_faults)
-                    where = f", process set {process_set + 1}/{args.processes}" if args.processes > 1 else ""
-                    print(f"  {preset} {dtype} mask {ratio}{where}: step {step + 1}/{args.steps}", flush=True)
-            finally:
-                for process in processes.values():
-                    process.close()
+            times = {kind: [] for kind in kinds}
+            faults = {kind: [] for kind in kinds}
+            memory, parameters = {}, {}
+            # Together: every model of the ratio alive, stepping in turn; sequential: one at a time (memory).
+            for group in [[kind] for kind in kinds] if args.sequential else [kinds]:
+                processes = {}
+                try:
+                    for kind in group:
+                        spec = {**common, "kind": kind, "mask_ratio": None if kind == "dit" else ratio}
+                        processes[kind] = IsolatedProcess(context, spec, build_step)
+                    memory.update({kind: process.ask("warmup") for kind, process in processes.items()})
+                    parameters.update({kind: process.num_parameters for kind, process in processes.items()})
+                    order = list(processes.items())
+                    for step in range(args.steps):
+                        # Rotating the order keeps any model from always following the same other one.
+                        shift = step % len(order)
+                        for kind, process in order[shift:] + order[:shift]:
+                            seconds, step_faults = process.ask("step")
+                            times[kind].append(seconds)
+                            faults[kind].append(step_faults)
+                        where = f", process set {process_set + 1}/{args.processes}" if args.processes > 1 else ""
+                        which = f" {group[0]}" if args.sequential else ""
+                        print(
+                            f"  {preset} {dtype} mask {ratio}{where}{which}: step {step + 1}/{args.steps}", flush=True
+                        )
+                finally:
+                    for process in processes.values():
+                        process.close()
             for kind in kinds:
                 key = ("dit", None) if kind == "dit" else (kind, ratio)
                 entry = results.setdefault(
                     key,
                     {
-                        "num_parameters": processes[kind].num_parameters,
+                        "num_parameters": parameters[kind],
                         "memory": [],
                         "times": [],
                         "faults": [],
@@ -466,9 +490,9 @@ def time_size(args, preset: str, dtype: str, batch_size: int, compile_mode: str)
             "target": None,
             "passed": None,
         }
-        if kind == "light" and ratio in (0.0, 0.5) and not args.device.startswith("cuda"):
+        if kind in ("light", "preset") and ratio in (0.0, 0.5) and not args.device.startswith("cuda"):
             threshold = (
-                unmasked_step_target(preset, args.resolution, args.seed) if ratio == 0.0 else TARGET_STEP_MASKED
+                unmasked_step_target(preset, args.resolution, args.seed, kind) if ratio == 0.0 else TARGET_STEP_MASKED
             )
             row["target"] = f"<= {threshold:.3f}x DiT"
             row["passed"] = row["vs_dit"] <= threshold
@@ -516,12 +540,12 @@ def forward_flops(model, batch: dict, mask) -> tuple[int, int]:
 
 
 @functools.cache
-def unmasked_step_target(preset: str, resolution: int, seed: int) -> float:
-    """The unmasked step target at `preset`: 1 + the light decoder's share of DiT's forward FLOPs, i.e. ours (light
+def unmasked_step_target(preset: str, resolution: int, seed: int, decoder: str = "light") -> float:
+    """The unmasked step target at `preset`: 1 + the `decoder`'s share of DiT's forward FLOPs, i.e. ours (that
     decoder, mask 0) over diffusers' DiT, attention included, for one sample."""
     batch = make_batch(1, resolution, seed)
     flops = []
-    for kind in ("dit", "light"):
+    for kind in ("dit", decoder):
         model = build_model(kind, preset, resolution).eval()
         flops.append(sum(forward_flops(model, batch, None)))
         del model
@@ -534,7 +558,7 @@ def count_flops(args) -> list[dict]:
     batch = make_batch(1, args.resolution, args.seed)
     num_tokens = (args.resolution // MaskedDiTTransformer2DModel.preset_config(FLOPS_PRESET)["patch_size"]) ** 2
     rows = []
-    for kind in ("dit", "paper", "light"):
+    for kind in ("dit", "paper", "preset", "light"):
         model = build_model(kind, FLOPS_PRESET, args.resolution).eval()
         for ratio in [None] if kind == "dit" else args.mask_ratios:
             mask = random_mask(1, num_tokens, ratio, torch.Generator().manual_seed(args.seed)) if ratio else None
@@ -558,7 +582,11 @@ def count_flops(args) -> list[dict]:
         row["vs_dit_with_attention"] = row["gflops_with_attention"] / dit["gflops_with_attention"]
         row["target"], row["passed"] = None, None
         if row["model"] == "ours" and row["mask_ratio"] == 0.5:
-            threshold = TARGET_FLOPS_PAPER_DECODER if row["decoder"].endswith("paper") else TARGET_FLOPS_LIGHT_DECODER
+            threshold = (
+                TARGET_FLOPS_PAPER_DECODER
+                if row["decoder"].endswith(("paper", "preset"))
+                else TARGET_FLOPS_LIGHT_DECODER
+            )
             row["target"] = f"<= {threshold:.3f}x DiT (counted)"
             row["passed"] = row["vs_dit_counted"] <= threshold
     return rows
@@ -633,6 +661,11 @@ def main(argv=None):
         f"(fused AdamW lr {LEARNING_RATE}, EMA)",
         "allocator": args.allocator,
         "light_decoder": {size: light_decoder(size) for size in [*args.sizes, FLOPS_PRESET]},
+        "preset_decoder": {
+            size: {k: v for k, v in MaskedDiTTransformer2DModel.preset_config(size).items() if "decoder" in k}
+            for size in [*args.sizes, FLOPS_PRESET]
+        },
+        "sequential": args.sequential,
         "memory": "CUDA max_memory_allocated"
         if args.device.startswith("cuda")
         else "peak RSS growth over the process's RSS before building the model",

@@ -273,3 +273,46 @@ def test_the_unmasked_step_target_is_one_plus_the_light_decoders_flop_share_of_d
     target = train_step.unmasked_step_target("S/2", 32, 0)
     assert target == pytest.approx(expected, abs=0.005)  # embedders, adaLN and the final layers are the rest
     assert 1.0 < target < 1.05
+
+
+def test_train_step_builds_the_paper_decoder_and_the_presets_own():
+    # The preset's own decoder is what from_preset builds; "paper" is MaskDiT's 8 x 512 at any size.
+    paper = train_step.build_model("paper", "S/2", 8)
+    preset = train_step.build_model("preset", "S/2", 8)
+    assert (paper.config.decoder_num_layers, paper.decoder_dim) == (8, 512)
+    assert (preset.config.decoder_num_layers, preset.decoder_dim) == (3, 160)
+    assert train_step.decoder_label("paper", "S/2") == "8x512 paper"
+    assert train_step.decoder_label("preset", "S/2") == "3x160 preset"
+    assert train_step.decoder_label("preset", "XL/2") == "8x512 preset"  # at XL the paper's
+
+
+def _strategies():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "strategies.py"
+    spec = importlib.util.spec_from_file_location("strategies_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_strategies_arms_compare_with_plain_and_route_the_six_block_model():
+    strategies = _strategies()
+    arms = strategies.arms(strategies.DIGITS_ROUTE)
+    assert arms["plain"].baseline is None and not arms["plain"].decoder and arms["plain"].routes is None
+    assert all(arm.baseline == "plain" for name, arm in arms.items() if name != "plain")
+    assert arms["tread"].routes == arms["maskdit_tread"].routes and arms["maskdit"].routes is None
+    from diffusers_masked.routing import Route, resolve_routes
+
+    assert resolve_routes(strategies.DIGITS_ROUTE, 6) == (Route(0.5, 1, 4),)
+    assert resolve_routes(strategies.TREAD_ROUTE, 12) == (Route(0.5, 2, 8),)
+
+
+@pytest.mark.slow
+def test_strategies_quick_run_writes_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    record = _strategies().main(["--quick", "--output", str(tmp_path / "s.json")])
+    assert [run["arm"] for run in record["digits"]["runs"]] == ["plain", "maskdit", "tread", "maskdit_tread"]
+    assert {row["arm"] for row in record["digits"]["comparisons"]} == {"maskdit", "tread", "maskdit_tread"}
+    assert [row["size"] for row in record["shapes"]] == ["S/2"] and record["shapes"][0]["flop_ratio"] < 0.8
+    assert json.loads((tmp_path / "s.json").read_text())["shapes"][0]["route"] == "ratio 0.5, blocks 2..8"
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "s_digits.json").exists()

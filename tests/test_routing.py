@@ -699,3 +699,14 @@ def test_a_tread_run_of_our_dit_records_its_routes_in_the_config_and_card_not_th
     assert json.loads((out / "training_config.json").read_text())["tread_routes"] == routes
     assert "token routing (TREAD" in (out / "README.md").read_text()
     assert "tread" not in (out / "transformer" / "config.json").read_text()
+
+
+def test_the_strategies_pages_python_snippets_run():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "strategies.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(snippets) == 3
+    for snippet in snippets:
+        exec(compile(snippet, "docs/strategies.md", "exec"), {})
