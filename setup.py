@@ -6,13 +6,14 @@ HERE = Path(__file__).parent
 version = {}
 exec((HERE / "src" / "diffusers_masked" / "version.py").read_text(), version)
 
+# What each does for us: docs/index.md, "Dependencies". (`evaluate` is not one: torchmetrics computes FID and the
+# CLIP score, and nothing else needed it.)
 train_requires = [
     "accelerate>=0.30",
     "datasets>=2.19",
     "tensorboard",
     "scikit-learn>=1.3",
     "torchmetrics>=1.3",
-    "evaluate>=0.4",
 ]
 
 setup(

@@ -5,6 +5,7 @@ and (MaskDiT, class-conditional) the share of samples the digits classifier assi
 
     python benchmarks/default_run.py [--output_dir /tmp/maskdit-digits] [--output benchmarks/results/default_run.json]
     python benchmarks/default_run.py --recipe maskdm    # writes benchmarks/results/maskdm_default_run.json
+    python benchmarks/default_run.py --recipe text      # train_text_to_image.py: benchmarks/results/text_to_image.json
 
 Extra arguments after `--` are passed to the training script (e.g. `-- --max_train_steps 500` for a quick look).
 """
@@ -26,7 +27,17 @@ RECIPES = {
     # script, default output folder and JSON, the config keys that size the run
     "maskdit": ("train_maskdit.py", "maskdit-digits", "default_run.json", ("max_train_steps", "unmask_tuning_steps")),
     "maskdm": ("train_maskdm.py", "maskdm-digits", "maskdm_default_run.json", ("max_train_steps", "finetune_steps")),
+    "text": ("train_text_to_image.py", "t2i-digits", "text_to_image.json", ("max_train_steps", "unmask_tuning_steps")),
 }
+# The text default's prompt-control figures, kept as the evaluation wrote them.
+TEXT_METRICS = (
+    "prompt_template",
+    "mean_ink_bold",
+    "mean_ink_thin",
+    "ink_difference",
+    "bold_heavier_share",
+    "num_pairs",
+)
 
 
 def main():
@@ -66,6 +77,7 @@ def main():
         "num_inference_steps": metrics.get("num_inference_steps"),
         **{key: config[key] for key in size_keys},
         "train_batch_size": config["train_batch_size"],
+        **{key: metrics[key] for key in TEXT_METRICS if key in metrics},
         "machine": {
             **machine(),
             # Other work on the machine inflates the wall time; a load above the core count means it was shared.
@@ -81,10 +93,15 @@ def main():
         ("digits-FID vs train split", f"{record['fid_vs_train']:.2f}"),
         ("FID floor (held-out real vs train)", f"{record['fid_floor_heldout']:.2f}"),
     ]
-    if record["accuracy"] is not None:  # class-conditional runs only
+    if record["accuracy"] is not None:  # class- and text-conditional runs only
         rows += [
             ("samples classified as requested", f"{100 * record['accuracy']:.1f}%"),
             ("classifier held-out accuracy", f"{100 * record['classifier_heldout_accuracy']:.1f}%"),
+        ]
+    if "bold_heavier_share" in record:
+        rows += [
+            ("bold/thin pairs with the bold one heavier", f"{100 * record['bold_heavier_share']:.1f}%"),
+            ("mean ink bold vs thin", f"{record['mean_ink_bold']:.3f} vs {record['mean_ink_thin']:.3f}"),
         ]
     width = max(len(name) for name, _ in rows)
     print("\n| metric | value |\n|---|---|")

@@ -59,13 +59,27 @@ def parse_args(argv=None):
         default=None,
         help="Also write the reference statistics here (ADM's mu/sigma layout), e.g. to evaluate elsewhere offline.",
     )
+    parser.add_argument(
+        "--clip_model",
+        default=None,
+        help="Text-to-image samples: also their CLIP score against their prompts (torchmetrics' CLIPScore) with this "
+        "CLIP model (a folder, or a Hub id with --allow_download, e.g. openai/clip-vit-large-patch14).",
+    )
+    parser.add_argument(
+        "--prompts", default=None, help="The samples' prompts (default: prompts.json beside the .npz, from sample.py)."
+    )
     parser.add_argument("--output_json", default=None, help="Write the results here as JSON.")
     return parser.parse_args(argv)
 
 
 def validate_args(args) -> None:
-    if (args.reference is None) == (args.reference_dataset is None):
-        raise ValueError("give exactly one of --reference (an .npz or an image folder) or --reference_dataset")
+    if args.reference is not None and args.reference_dataset is not None:
+        raise ValueError("give at most one of --reference (an .npz or an image folder) or --reference_dataset")
+    if args.reference is None and args.reference_dataset is None and args.clip_model is None:
+        raise ValueError(
+            "give one of --reference (an .npz or an image folder) or --reference_dataset (or only --clip_model for "
+            "the CLIP score alone)"
+        )
     if args.samples is None and args.save_reference_statistics is None:
         raise ValueError("give --samples to evaluate, or --save_reference_statistics to only compute the reference")
     for flag in ("samples", "reference"):
@@ -83,6 +97,31 @@ def validate_args(args) -> None:
         raise ValueError(f"--inception_score_splits must be an integer >= 0, got {args.inception_score_splits}")
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file")
+    if args.clip_model is not None:
+        if args.samples is None or not str(args.samples).endswith(".npz"):
+            raise ValueError("--clip_model needs --samples as sample.py's .npz (its labels index the prompts)")
+        args.prompts = args.prompts or str(Path(args.samples).parent / "prompts.json")
+        if not Path(args.prompts).is_file():
+            raise ValueError(no_such_path(args.prompts, "--prompts") + " (sample.py writes prompts.json)")
+
+
+def clip_score_of(args) -> float:
+    """The CLIP score of sample.py's .npz against its prompts (``arr_1`` holds each sample's prompt index)."""
+    import numpy as np
+
+    from diffusers_masked.evaluation.clip import clip_score
+    from diffusers_masked.utils.safe_loading import read_json
+
+    prompts = read_json(args.prompts, "--prompts")
+    with np.load(args.samples) as arrays:
+        images, indices = arrays["arr_0"], arrays["arr_1"]
+    return clip_score(
+        images,
+        [prompts[int(i)] for i in indices],
+        args.clip_model,
+        device=args.device,
+        allow_download=args.allow_download,
+    )
 
 
 def main(argv=None) -> dict:
@@ -113,15 +152,22 @@ def main(argv=None) -> dict:
     if args.samples is None:
         return {}
     splits = args.inception_score_splits or None
-    results = evaluate_samples(args.samples, reference, inception_score_splits=splits, **source, **common)
-    results.update(samples=str(args.samples), reference=str(args.reference or args.reference_dataset))
-    for name in ("fid", "inception_score"):
-        if results[name] is not None:
+    results = {}
+    if reference is not None or source.get("dataset_name"):
+        results = evaluate_samples(args.samples, reference, inception_score_splits=splits, **source, **common)
+        results.update(reference=str(args.reference or args.reference_dataset))
+    results["samples"] = str(args.samples)
+    if args.clip_model is not None:
+        results["clip_score"] = clip_score_of(args)
+        results["clip_model"] = str(args.clip_model)
+    for name in ("fid", "inception_score", "clip_score"):
+        if results.get(name) is not None:
             print(f"{name}: {results[name]:.4f}")
-    print(
-        f"({results['num_samples']} samples, {results['num_reference'] or 'unknown'} reference images; "
-        f"{results['feature_extractor']} features)"
-    )
+    if "num_samples" in results:
+        print(
+            f"({results['num_samples']} samples, {results['num_reference'] or 'unknown'} reference images; "
+            f"{results['feature_extractor']} features)"
+        )
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

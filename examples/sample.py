@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import math
+from pathlib import Path
 
 from diffusers_masked.evaluation import sampling
 from diffusers_masked.utils.safe_loading import check_path_or_hub_id
@@ -42,6 +43,12 @@ def parse_args(argv=None):
         "--class_labels",
         default=None,
         help="Comma-separated class ids, cycled over the samples (default: every class in turn, class-balanced).",
+    )
+    parser.add_argument(
+        "--prompts_file",
+        default=None,
+        help="Text-to-image pipelines: a text file of prompts, one per line, cycled over the samples (the .npz "
+        "labels are prompt indices; the prompts are written beside it as prompts.json).",
     )
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
@@ -85,19 +92,39 @@ def validate_args(args) -> None:
             raise ValueError(
                 f"--class_labels must be comma-separated integer ids, got {args.class_labels!r}"
             ) from None
+    if args.prompts_file is not None:
+        if args.class_labels is not None:
+            raise ValueError("pass --class_labels or --prompts_file, not both")
+        try:
+            lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--prompts_file {args.prompts_file}: cannot read it ({err})") from None
+        args.prompts = [line.strip() for line in lines if line.strip()]
+        if not args.prompts:
+            raise ValueError(f"--prompts_file {args.prompts_file} holds no prompt (one per line)")
+    else:
+        args.prompts = None
     check_path_or_hub_id(args.pipeline, "--pipeline")
 
 
 def validate_for_pipeline(args, pipeline) -> dict:
     """Check the flags that depend on the pipeline; return the keyword arguments of its calls."""
     num_classes = sampling.pipeline_num_classes(pipeline)
+    # Ours say whether their transformer takes text; a stock pipeline does if its call takes a prompt (PixArt).
+    text = getattr(pipeline, "is_text_conditioned", None)
+    if text is None:
+        text = "prompt" in inspect.signature(pipeline.__call__).parameters
+    if text and args.prompts is None:
+        raise ValueError(f"{type(pipeline).__name__} is text-to-image: pass --prompts_file")
+    if args.prompts is not None and not text:
+        raise ValueError(f"--prompts_file was given but {type(pipeline).__name__} takes no prompt")
     if args.class_labels is not None:
         if num_classes == 0:
             raise ValueError("--class_labels was given but the pipeline is unconditional (num_classes=0)")
         wrong = [label for label in args.class_labels if not 0 <= label < num_classes]
         if wrong:
             raise ValueError(f"--class_labels must be ids in [0, {num_classes}), got {wrong}")
-    if num_classes == 0 and args.guidance_scale not in (None, 1.0):
+    if num_classes == 0 and not text and args.guidance_scale not in (None, 1.0):
         raise ValueError("--guidance_scale applies to class-conditional pipelines only; this one is unconditional")
     if args.scheduler is not None:
         # The pipeline's own check (MaskedDiffusionPipeline.check_scheduler), asked before anything is swapped.
@@ -144,6 +171,7 @@ def main(argv=None):
         "seed": args.seed,
         "shard_size": args.shard_size,
         "class_labels": args.class_labels,
+        "prompts": args.prompts,
         "num_classes": num_classes,
         "output_format": args.output_format,
         "pipeline_kwargs": pipeline_kwargs,
@@ -185,6 +213,7 @@ def main(argv=None):
             output_format=args.output_format,
             pipeline_kwargs=pipeline_kwargs,
             on_batch=progress.update,
+            prompts=args.prompts,
         )
     progress.close()
     state.wait_for_everyone()
@@ -192,6 +221,10 @@ def main(argv=None):
         summary = {"output_dir": args.output_dir, "num_samples": args.num_samples}
         if args.output_format in ("npz", "both"):
             summary["npz"] = str(sampling.assemble_npz(args.output_dir, args.num_samples, args.shard_size))
+        if args.prompts is not None:
+            from diffusers_masked.utils.io import atomic_write_text
+
+            atomic_write_text(Path(args.output_dir) / "prompts.json", json.dumps(args.prompts, indent=1))
         print(json.dumps(summary))
 
 

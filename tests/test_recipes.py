@@ -28,6 +28,8 @@ def _parse(script, name, *extra):
         argv += ["--pretrained_model_name_or_path", str(REPO)]
     if "vae" in recipe.requires:
         argv += ["--vae", str(REPO)]
+    if "text_encoder_name_or_path" in recipe.requires:
+        argv += ["--text_encoder_name_or_path", str(REPO)]
     return _script(script).parse_args(argv)
 
 

@@ -254,15 +254,22 @@ def test_a_swapped_scheduler_is_used_and_recorded(maskdit_dir, tmp_path):
     assert json.loads((tmp_path / "sampling_config.json").read_text())["scheduler"] == "EDMDPMSolverMultistepScheduler"
 
 
-def test_a_pipeline_that_is_not_ours_needs_trust_remote_code(tmp_path):
+def test_a_stock_pipeline_loads_as_diffusers_loads_it_and_one_naming_code_needs_trust_remote_code(tmp_path):
     unet = UNet2DModel(
         sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
     )  # fmt: skip
     DDPMPipeline(unet, DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    with pytest.raises(ValueError, match="--trust_remote_code"):
-        sampling.load_pipeline(tmp_path / "ddpm")
-    assert isinstance(sampling.load_pipeline(tmp_path / "ddpm", trust_remote_code=True), DDPMPipeline)
+    # diffusers' own pipeline of diffusers components: loading it runs no code from the folder.
+    assert isinstance(sampling.load_pipeline(tmp_path / "ddpm"), DDPMPipeline)
+    # A pipeline class or component named by a module in the folder is code that loading would run.
+    for key, entry in (("_class_name", ["pipeline_custom", "CustomPipeline"]), ("unet", ["unet_custom", "MyUNet"])):
+        index = json.loads((tmp_path / "ddpm" / "model_index.json").read_text())
+        index[key] = entry
+        (tmp_path / "custom").mkdir(exist_ok=True)
+        (tmp_path / "custom" / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="--trust_remote_code"):
+            sampling.load_pipeline(tmp_path / "custom")
 
 
 def test_our_pipelines_load_with_their_own_class(maskdit_dir, maskdm_dirs):

@@ -119,6 +119,7 @@ def load_image_dataset(
     label_column: str | None = "label",
     cache_dir: str | os.PathLike | None = None,
     split: str = "train",
+    caption_column: str | None = None,
 ):
     """Load a Hub dataset or a local image folder for training.
 
@@ -140,6 +141,9 @@ def load_image_dataset(
             for unconditional data (no ``label`` column in the result).
         cache_dir (`str` or `os.PathLike`, *optional*): `datasets` cache directory.
         split (`str`, defaults to ``"train"``): the split to load.
+        caption_column (`str`, *optional*): column of captions (a string or a list of strings per image), kept as
+            ``caption``; an image folder gives them in a ``metadata.jsonl`` beside the images, one
+            ``{"file_name": ..., "text": ...}`` line per image (diffusers' text-to-image convention: ``text``).
 
     Returns:
         `tuple`: ``(dataset, id2label)``; ``id2label`` comes from the label column's `datasets.ClassLabel` names
@@ -170,7 +174,8 @@ def load_image_dataset(
         dataset = datasets.load_dataset("imagefolder", data_dir=str(train_data_dir), cache_dir=cache_dir, split=split)
 
     source = dataset_name if dataset_name is not None else str(train_data_dir)
-    for role, column in (("image_column", image_column), ("label_column", label_column)):
+    roles = (("image_column", image_column), ("label_column", label_column), ("caption_column", caption_column))
+    for role, column in roles:
         if column is not None and column not in dataset.column_names:
             hint = (
                 "; name the column of class labels (command line: --label_column NAME), or train unconditionally "
@@ -187,9 +192,9 @@ def load_image_dataset(
             f"{dataset.features[image_column]}); available columns: {dataset.column_names}"
         )
 
-    keep = [image_column] + ([label_column] if label_column is not None else [])
+    keep = [image_column] + [column for column in (label_column, caption_column) if column is not None]
     dataset = dataset.select_columns(keep)
-    renames = {image_column: "image", label_column: "label"}
+    renames = {image_column: "image", label_column: "label", caption_column: "caption"}
     dataset = dataset.rename_columns({old: new for old, new in renames.items() if old in keep and old != new})
     dataset = dataset.cast_column("image", datasets.Image(decode=False))
 

@@ -165,14 +165,28 @@ def make_preprocess(
         out = {"pixel_values": [transform(image) for image in batch[image_column]]}
         if label_column is not None and label_column in batch:
             out["class_labels"] = [int(label) for label in batch[label_column]]
+        if "caption_ids" in batch:
+            out["caption_ids"] = batch["caption_ids"]
         return out
 
     return preprocess
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack rows from `make_preprocess` into ``{"pixel_values": (B, C, H, W) float, "class_labels": (B,) long}``."""
+    """Stack rows from `make_preprocess` into ``{"pixel_values": (B, C, H, W) float, "class_labels": (B,) long}``
+    (and ``"caption_ids": (B, K)`` long, padded with -1, for captioned data)."""
     batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous().float()}
     if "class_labels" in examples[0]:
         batch["class_labels"] = torch.tensor([int(e["class_labels"]) for e in examples], dtype=torch.long)
+    if "caption_ids" in examples[0]:
+        batch["caption_ids"] = pad_ids([e["caption_ids"] for e in examples])
     return batch
+
+
+def pad_ids(rows) -> torch.Tensor:
+    """Rows of ids (caption ids, several per image) as one ``(N, K)`` long tensor, padded with -1."""
+    rows = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in rows]
+    out = torch.full((len(rows), max(len(row) for row in rows)), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..utils.io import commit_dir
-from .images import ImageTransform
+from .images import ImageTransform, pad_ids
 
 # Bump when the layout of the latent cache changes, so old caches are not read as new ones.
 _LATENT_CACHE_VERSION = 2  # 2: built from shards, optionally with the flipped images' posteriors
@@ -38,6 +38,8 @@ def latent_collate_fn(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in keys}
     if "label" in rows[0]:
         batch["class_labels"] = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)
+    if "caption_ids" in rows[0]:
+        batch["caption_ids"] = pad_ids([row["caption_ids"] for row in rows])
     return batch
 
 

@@ -14,9 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.captions import DIGIT_WORDS
 from .features import _digits_tensors, classification_accuracy, get_digits_classifier
 from .fid import _fids_against
 from .images import _check_images, images_to_tensor
+
+# The prompt a text-conditioned pipeline is evaluated with, per digit (one of the captioned digits' templates).
+DIGIT_PROMPT = "a handwritten {word}"
 
 
 def evaluate_digits_samples(
@@ -107,11 +111,13 @@ def eval_results_for_model_card(results: dict[str, Any], dataset_split: str = "t
     from huggingface_hub import EvalResult
 
     conditional = results.get("accuracy") is not None
-    task = (
-        {"task_type": "image-generation", "task_name": "Class-conditional image generation"}
-        if conditional
-        else {"task_type": "unconditional-image-generation", "task_name": "Unconditional image generation"}
-    )
+    text = results.get("prompt_template") is not None
+    if text:
+        task = {"task_type": "text-to-image", "task_name": "Text-to-image generation"}
+    elif conditional:
+        task = {"task_type": "image-generation", "task_name": "Class-conditional image generation"}
+    else:
+        task = {"task_type": "unconditional-image-generation", "task_name": "Unconditional image generation"}
     common = dict(
         dataset_type="sklearn-digits", dataset_name="scikit-learn digits", dataset_split=dataset_split, **task
     )
@@ -132,8 +138,21 @@ def eval_results_for_model_card(results: dict[str, Any], dataset_split: str = "t
         entries.append(
             EvalResult(
                 metric_type="accuracy",
-                metric_name="Class accuracy of samples (digits classifier)",
+                metric_name=(
+                    f"Prompted-digit accuracy of samples ('{results['prompt_template']}', digits classifier)"
+                    if text
+                    else "Class accuracy of samples (digits classifier)"
+                ),
                 metric_value=round(results["accuracy"], 4),
+                **common,
+            )
+        )
+    if results.get("bold_heavier_share") is not None:
+        entries.append(
+            EvalResult(
+                metric_type="accuracy",
+                metric_name="Share of bold/thin prompt pairs whose bold sample has more ink",
+                metric_value=round(results["bold_heavier_share"], 4),
                 **common,
             )
         )
@@ -156,6 +175,7 @@ def evaluate_pipeline_on_digits(
     allow_download: bool = False,
     return_samples: bool = False,
     pipeline_kwargs: dict[str, Any] | None = None,
+    prompt_template: str = DIGIT_PROMPT,
 ) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Generate ``num_samples_per_class`` digits of each class with a class-conditional pipeline and evaluate them;
     an unconditional pipeline (its transformer has ``num_classes=0``) draws ``10 * num_samples_per_class`` digits.
@@ -184,20 +204,28 @@ def evaluate_pipeline_on_digits(
             are `None` for an unconditional pipeline.
         pipeline_kwargs (`dict`, *optional*): further arguments of every pipeline call, e.g. ``{"eta": 0.0}`` for
             a `MaskDMPipeline` sampling with DDIM.
+        prompt_template (`str`, defaults to ``"a handwritten {word}"``): for a text-conditioned pipeline, the prompt
+            of each digit (``{word}``: "seven", ``{digit}``: 7); the accuracy is then the share of samples the
+            classifier assigns to the prompted digit.
 
     Returns:
         `dict`: `evaluate_digits_samples`' results plus the sampling settings; with ``return_samples=True``, the
         tuple ``(results, images, labels)``.
     """
     images, labels = [], []
-    conditional = pipeline.transformer.config.num_classes > 0
+    text = bool(getattr(pipeline, "is_text_conditioned", False))
+    conditional = text or pipeline.transformer.config.num_classes > 0
     for label in range(10) if conditional else [None] * 10:
         remaining = num_samples_per_class
         while remaining > 0:
             n = min(batch_size, remaining)
-            call = (
-                {"class_labels": [label] * n, "guidance_scale": guidance_scale} if conditional else {"batch_size": n}
-            )
+            if text:
+                prompt = prompt_template.format(word=DIGIT_WORDS[label], digit=label)
+                call = {"prompt": [prompt] * n, "guidance_scale": guidance_scale}
+            elif conditional:
+                call = {"class_labels": [label] * n, "guidance_scale": guidance_scale}
+            else:
+                call = {"batch_size": n}
             call.update(pipeline_kwargs or {})
             output = pipeline(**call, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
             images.append(images_to_tensor(output.images))
@@ -227,6 +255,47 @@ def evaluate_pipeline_on_digits(
         num_inference_steps=num_inference_steps,
         resolution=resolution,
     )
+    if text:
+        results["prompt_template"] = prompt_template
     if return_samples:
         return results, fake_images, labels
     return results
+
+
+def evaluate_stroke_control(
+    pipeline,
+    num_samples_per_class: int = 8,
+    generator_seed: int = 0,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 40,
+    templates: tuple[str, str] = ("a bold handwritten {word}", "a thin handwritten {word}"),
+) -> dict[str, Any]:
+    """Does a prompt's stroke attribute change the image? For each digit, `num_samples_per_class` samples prompted
+    ``bold`` and as many prompted ``thin``, from the same starting noise (one generator seed per pair), and their ink:
+    the mean pixel value in [0, 1] (the stroke mass). Returns the mean ink of each, their difference, and the share
+    of pairs in which the bold sample has more ink than its thin twin (0.5: the attribute does nothing)."""
+    inks = {}
+    for weight, template in zip(("bold", "thin"), templates):
+        values = []
+        for label in range(10):
+            prompt = [template.format(word=DIGIT_WORDS[label], digit=label)] * num_samples_per_class
+            generators = [
+                torch.Generator().manual_seed(generator_seed + 1000 * label + i) for i in range(num_samples_per_class)
+            ]
+            output = pipeline(
+                prompt=prompt,
+                generator=generators,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                output_type="pt",
+            )
+            values.append(images_to_tensor(output.images).flatten(1).mean(dim=1))
+        inks[weight] = torch.cat(values)
+    return {
+        "mean_ink_bold": float(inks["bold"].mean()),
+        "mean_ink_thin": float(inks["thin"].mean()),
+        "ink_difference": float(inks["bold"].mean() - inks["thin"].mean()),
+        "bold_heavier_share": float((inks["bold"] > inks["thin"]).float().mean()),
+        "num_pairs": int(inks["bold"].numel()),
+        "templates": list(templates),
+    }

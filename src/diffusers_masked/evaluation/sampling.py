@@ -50,6 +50,7 @@ CONTENT_SETTINGS = (
     "seed",
     "shard_size",
     "class_labels",
+    "prompts",
     "num_classes",
     "output_format",
     "pipeline_kwargs",
@@ -86,7 +87,9 @@ def load_pipeline(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
     """Load a saved `MaskDiTPipeline` or `MaskDMPipeline` (a folder or a Hub id) with our class's `from_pretrained`.
 
     The class is read from ``model_index.json`` (JSON only), and our classes check the code files before loading
-    (see `MaskedDiffusionPipeline.from_pretrained`). Any other pipeline loads only with
+    (see `MaskedDiffusionPipeline.from_pretrained`). A stock diffusers pipeline of diffusers and transformers
+    components (what `train_dit.py` and `train_text_to_image.py --transformer pixart` save) loads as diffusers loads
+    it, running no code from the folder. Any other pipeline loads only with
     ``trust_remote_code=True``, through `DiffusionPipeline.from_pretrained`, which runs the repo's code.
 
     Raises:
@@ -113,12 +116,27 @@ def load_pipeline(name_or_path: str | os.PathLike, trust_remote_code: bool = Fal
         if trust_remote_code:
             kwargs["trust_remote_code"] = True
         return ours[class_name].from_pretrained(name_or_path, **kwargs)
+    if _is_stock(index):  # diffusers' own pipeline of diffusers / transformers components: no repo code runs
+        return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
     if not trust_remote_code:
         raise ValueError(
             f"{name_or_path} holds a {class_name}, not a MaskDiTPipeline or MaskDMPipeline; loading it would run the "
             "code it names. Pass trust_remote_code=True (command line: --trust_remote_code) only if you trust it."
         )
     return DiffusionPipeline.from_pretrained(name_or_path, trust_remote_code=True, **kwargs)
+
+
+def _is_stock(index: dict) -> bool:
+    """A ``model_index.json`` naming one of diffusers' own pipeline classes (a plain name, no module) whose
+    components all come from diffusers or transformers: `DiffusionPipeline.from_pretrained` loads it without running
+    any code from the folder or repo (a stock `DiTPipeline` or `PixArtAlphaPipeline` trained by our scripts)."""
+    import diffusers
+
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str) or not hasattr(diffusers, class_name):
+        return False
+    components = [v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)]
+    return all(v[0] in ("diffusers", "transformers", None) for v in components)
 
 
 def scheduler_class(name: str) -> type:
@@ -219,15 +237,19 @@ def draw_samples(
     seed: int,
     labels: Sequence[int] | None,
     pipeline_kwargs: dict | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """One batch: the uint8 ``(B, H, W, C)`` samples at `indices`, each from its own CPU generator.
+    """One batch: the uint8 ``(B, H, W, C)`` samples at `indices`, each from its own CPU generator; with `prompts`
+    (a text-to-image pipeline) `labels` are indices into them.
 
     The generators are on the CPU whatever the pipeline's device, so the noise (and so the image) does not depend
     on the device type either, up to the model's own arithmetic.
     """
     generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, i)) for i in indices]
     call = dict(pipeline_kwargs or {}, generator=generators, output_type="np")
-    if labels is not None:
+    if prompts is not None:
+        call["prompt"] = [prompts[label] for label in labels]
+    elif labels is not None:
         call["class_labels"] = list(labels)
     else:
         call["batch_size"] = len(indices)
@@ -246,14 +268,19 @@ def sample_shard(
     output_format: str = "npz",
     pipeline_kwargs: dict | None = None,
     on_batch: Callable[[int], None] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> None:
-    """Draw one shard and write it (PNGs first, then the shard file, atomically)."""
-    labels = sample_labels(indices, num_classes, class_labels) if num_classes else None
+    """Draw one shard and write it (PNGs first, then the shard file, atomically). With `prompts`, sample ``i`` is
+    prompted with ``prompts[i % len(prompts)]`` and its label is that index."""
+    if prompts is not None:
+        labels = [i % len(prompts) for i in indices]
+    else:
+        labels = sample_labels(indices, num_classes, class_labels) if num_classes else None
     images = []
     for start in range(0, len(indices), batch_size):
         batch = indices[start : start + batch_size]
         batch_labels = labels[start : start + batch_size] if labels is not None else None
-        images.append(draw_samples(pipeline, batch, seed, batch_labels, pipeline_kwargs))
+        images.append(draw_samples(pipeline, batch, seed, batch_labels, pipeline_kwargs, prompts))
         if on_batch is not None:
             on_batch(len(batch))
     images = np.concatenate(images)

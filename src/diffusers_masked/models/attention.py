@@ -72,27 +72,106 @@ class SelfAttention(nn.Module, AttentionModuleMixin):
         return self.processor(self, x)
 
 
+class CrossAttnProcessor:
+    """The attention of [`CrossAttention`], through diffusers' attention dispatcher like [`FusedQKVAttnProcessor`]
+    (the backend set with `set_attention_backend`); the context's padding mask goes to the backend as a boolean
+    ``(B, T)`` mask (torch's SDPA takes it; a backend without masks refuses it)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: CrossAttention,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = attn.to_q(hidden_states).view(batch, length, attn.num_heads, attn.head_dim)  # [B, L, H, d]
+        key, value = attn.to_kv(context).view(batch, context.shape[1], 2, attn.num_heads, attn.head_dim).unbind(2)
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=context_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )  # [B, L, H, d]
+        return attn.to_out(out.reshape(batch, length, -1))
+
+
+class CrossAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head attention from a sequence to a context (text tokens): queries from the sequence, keys and values
+    from the context in one fused projection, computed by diffusers' attention dispatcher (see
+    [`CrossAttnProcessor`])."""
+
+    _default_processor_cls = CrossAttnProcessor
+    _available_processors = [CrossAttnProcessor]
+    _supports_qkv_fusion = False
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, num_heads * head_dim)
+        self.to_kv = nn.Linear(context_dim, 2 * num_heads * head_dim)
+        self.to_out = nn.Linear(num_heads * head_dim, dim)
+        self.set_processor(CrossAttnProcessor())
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.processor(self, x, context, context_mask)
+
+
 class AdaLNZeroBlock(nn.Module):
     """A DiT block: self-attention and MLP, each behind a LayerNorm modulated (shift, scale) by the
     conditioning vector and followed by a gate; the modulation starts at zero so the block starts as identity.
 
+    With `cross_attention`, a cross-attention over the (projected) text tokens sits between the two, behind its own
+    LayerNorm and unmodulated, as in PixArt-alpha's blocks; its output projection starts at zero (the model's
+    initialisation), so a text block too starts as identity.
+
     The conditioning embedding is computed once per model and shared by all blocks."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, cond_dim: int, mlp_ratio: float, norm_eps: float):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        cond_dim: int,
+        mlp_ratio: float,
+        norm_eps: float,
+        cross_attention: bool = False,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.attn1 = SelfAttention(dim, num_heads, head_dim)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
+            self.attn2 = CrossAttention(dim, dim, num_heads, head_dim)
+        else:
+            self.norm_cross = self.attn2 = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.ff = FeedForward(dim, inner_dim=int(dim * mlp_ratio), activation_fn="gelu-approximate", bias=True)
         self.modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, D], cond: [B, cond_dim]
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: [B, L, D], cond: [B, cond_dim], context: [B, T, D], context_mask: [B, T] bool (True = a real token)
         # addcmul fuses each multiply-add into one pass over the tokens (one intermediate fewer, in and backward).
         mod = self.modulation(F.silu(cond))[:, None].chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)
         x = torch.addcmul(x, gate_msa, self.attn1(h))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm_cross(x), context, context_mask)
         h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)
         return torch.addcmul(x, gate_mlp, self.ff(h))
 

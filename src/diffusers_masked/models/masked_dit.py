@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
+from diffusers.models.embeddings import (
+    PixArtAlphaTextProjection,
+    TimestepEmbedding,
+    Timesteps,
+    get_2d_sincos_pos_embed_from_grid,
+)
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see below)
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -121,6 +126,11 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         freq_shift (`int`, defaults to 0): Shift of the timestep features' frequency exponent, as in diffusers'
             `Timesteps(downscale_freq_shift=...)`: 0 is DiT's and MaskDiT's own embedding; 1 is what diffusers'
             `DiTTransformer2DModel` computes, kept by models converted from it so they compute the same function.
+        cross_attention_dim (`int`, *optional*): Width of a text encoder's hidden states; with it the model is
+            text-conditioned: the text tokens are projected to the encoder's width (PixArt-alpha's caption
+            projection, Linear-GELU-Linear) and every encoder block attends to them between its self-attention and
+            MLP. Text tokens are keys and values only, never masked or routed. `None` (the default) adds nothing:
+            the weights of a class-conditional model are the same as before.
     """
 
     _supports_gradient_checkpointing = True
@@ -147,6 +157,7 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         norm_eps: float = 1e-6,
         frequency_embedding_size: int = 256,
         freq_shift: int = 0,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         check_positive_ints(
@@ -163,6 +174,8 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             raise ValueError(f"decoder_num_layers must be >= 0 (0 = no decoder), got {decoder_num_layers}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        if cross_attention_dim is not None:
+            check_positive_ints(cross_attention_dim=cross_attention_dim)
         self.out_channels = out_channels if out_channels is not None else in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
         self.decoder_dim = decoder_num_attention_heads * decoder_attention_head_dim if decoder_num_layers else 0
@@ -174,6 +187,11 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         self.time_proj = Timesteps(frequency_embedding_size, flip_sin_to_cos=True, downscale_freq_shift=freq_shift)
         self.timestep_embedder = TimestepEmbedding(frequency_embedding_size, self.inner_dim)
         self.class_embedder = nn.Embedding(num_classes + 1, self.inner_dim) if num_classes > 0 else None
+        self.caption_projection = (
+            PixArtAlphaTextProjection(cross_attention_dim, self.inner_dim, act_fn="gelu_tanh")
+            if cross_attention_dim
+            else None
+        )
 
         # Encoder
         self.patch_embed = nn.Conv2d(in_channels, self.inner_dim, kernel_size=patch_size, stride=patch_size)
@@ -182,7 +200,13 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         self.transformer_blocks = nn.ModuleList(
             [
                 AdaLNZeroBlock(
-                    self.inner_dim, num_attention_heads, attention_head_dim, self.inner_dim, mlp_ratio, norm_eps
+                    self.inner_dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    self.inner_dim,
+                    mlp_ratio,
+                    norm_eps,
+                    cross_attention=cross_attention_dim is not None,
                 )
                 for _ in range(num_layers)
             ]
@@ -237,6 +261,14 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             nn.init.normal_(self.class_embedder.weight, std=0.02)
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
+        if self.caption_projection is not None:
+            # As PixArt-alpha: the caption projection N(0, 0.02); each cross-attention's output projection starts at
+            # zero, so that the text enters through gradients, not through noise at initialisation.
+            for layer in (self.caption_projection.linear_1, self.caption_projection.linear_2):
+                nn.init.normal_(layer.weight, std=0.02)
+            for block in self.transformer_blocks:
+                nn.init.zeros_(block.attn2.to_out.weight)
+                nn.init.zeros_(block.attn2.to_out.bias)
         for block in [*self.transformer_blocks, *self.decoder_blocks]:
             nn.init.zeros_(block.modulation.weight)
             nn.init.zeros_(block.modulation.bias)
@@ -285,16 +317,46 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             cond = cond + self.class_embedder(class_labels)
         return cond  # [B, D]
 
+    def _text(self, states, mask, batch: int, dtype, device) -> tuple:
+        """The projected text tokens and their boolean padding mask, as the encoder blocks take them (``()`` for a
+        model without text)."""
+        if self.caption_projection is None:
+            if states is not None or mask is not None:
+                raise ValueError(
+                    "encoder_hidden_states were given to a model without text conditioning (cross_attention_dim=None)"
+                )
+            return ()
+        width = self.config.cross_attention_dim
+        if (
+            not isinstance(states, torch.Tensor)
+            or states.ndim != 3
+            or states.shape[0] != batch
+            or states.shape[2] != width
+        ):
+            found = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+            raise ValueError(
+                f"encoder_hidden_states of shape ({batch}, text_tokens, {width}) are required by this "
+                f"text-conditioned model (cross_attention_dim={width}), got {found}"
+            )
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(states.shape[:2]):
+                found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"encoder_attention_mask must have shape {tuple(states.shape[:2])}, got {found}")
+            mask = mask.to(device=device, dtype=torch.bool)
+        return self.caption_projection(states.to(device=device, dtype=dtype)), mask
+
     def _positions(self, buffer: torch.Tensor, dim: int, grid_h: int, grid_w: int, device) -> torch.Tensor:
         if buffer.shape[0] == grid_h * grid_w and grid_h == grid_w:
             return buffer
         return sincos_positions(dim, grid_h, grid_w, device=device)
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, plan=None) -> torch.Tensor:
+    def _run_blocks(
+        self, blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, plan=None, text=()
+    ) -> torch.Tensor:
         for index, block in enumerate(blocks):
             if plan is not None:
                 x = plan.enter(index, x)
-            x = self._run_block(block, x, cond)
+            x = self._run_block(block, x, cond, *text)
             if plan is not None:
                 x = plan.leave(index, x)
         return x
@@ -309,6 +371,8 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         num_masked: int | None = None,
         routes=None,
         route_ids: tuple[torch.Tensor, ...] | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> MaskedDiTTransformer2DModelOutput | tuple:
         """
         Args:
@@ -334,6 +398,12 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
             route_ids (`tuple` of `torch.LongTensor`, *optional*): For each route, the `(batch, kept)` ids of the
                 tokens its blocks compute, among the encoder's tokens (e.g. from
                 [`~diffusers_masked.routing.draw_route_ids`]); drawn from torch's global generator when not given.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch, text_tokens, cross_attention_dim)`, *optional*):
+                A text encoder's hidden states (its `last_hidden_state`); required by a text-conditioned model
+                (`cross_attention_dim` set), refused by others.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch, text_tokens)`, *optional*): 1 (or `True`) for
+                the real text tokens, 0 for padding, which the cross-attention then ignores; every row needs at
+                least one real token (a tokenizer's end-of-sequence token is one).
 
         In train mode, given `num_masked`, the forward reads no tensor values, so a training step does not make the
         host wait for the device and `torch.compile` sees one graph; the training scripts check the data's labels
@@ -355,6 +425,7 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         num_visible = num_tokens - num_removed
 
         cond = self._conditioning(timestep, class_labels, dtype)
+        text = self._text(encoder_hidden_states, encoder_attention_mask, batch, dtype, device)
 
         # Encoder: positions are added before dropping, so each visible token keeps its place in the image.
         # contiguous: the transposed conv output would keep a [B, D, N] layout through every residual add.
@@ -366,7 +437,7 @@ class MaskedDiTTransformer2DModel(MaskedTransformerMixin, ConfigMixin):
         plan = None
         if routes is not None and routing_active(self):
             plan = plan_routes(routes, route_ids, self.config.num_layers, batch, num_visible, device)
-        x = self._run_blocks(self.transformer_blocks, x, cond, plan)
+        x = self._run_blocks(self.transformer_blocks, x, cond, plan, text)
 
         if self.decoder_layer is not None:
             # Decoder: visible tokens at their places, the shared mask token everywhere else.

@@ -45,6 +45,7 @@ def build_model_card(
     tags: list[str],
     conditional: bool,
     configs: dict,
+    text: bool = False,
     training_config: dict | None = None,
     eval_results: list[EvalResult] | None = None,
     dataset_name: str | None = None,
@@ -54,12 +55,15 @@ def build_model_card(
     """The model card every pipeline a diffusers-masked run publishes gets, ours or diffusers' own: metadata
     (`library_name: diffusers`, `tags`, the Hub task, the dataset, `model-index` from `eval_results`), then `intro`,
     the samples, the ``## Use`` section `use`, the evaluation table, the training recipe and flags (with what changed
-    on resuming and the token routes, if any) and the components' configs."""
+    on resuming and the token routes, if any) and the components' configs. A `text`-conditioned pipeline gets the
+    Hub task `text-to-image`; a class-conditional one none (the Hub has no class-conditional task); an unconditional
+    one `unconditional-image-generation`."""
+    kind = "text-to-image" if text else ("class-conditional" if conditional else "unconditional")
     card_data = ModelCardData(
         library_name="diffusers",
         license=license,
-        tags=[*tags, "class-conditional" if conditional else "unconditional"],
-        pipeline_tag=None if conditional else "unconditional-image-generation",
+        tags=[*tags, kind],
+        pipeline_tag="text-to-image" if text else (None if conditional else "unconditional-image-generation"),
         datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
         model_name=name if eval_results else None,
         eval_results=eval_results or None,

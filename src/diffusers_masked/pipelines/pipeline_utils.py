@@ -343,22 +343,31 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         step_kwargs: dict,
         callback_on_step_end,
         callback_tensor_inputs: Sequence[str],
+        text: tuple | None = None,
     ) -> torch.Tensor:
         """The sampling loop: per scheduler timestep the transformer's prediction, guided as
-        `uncond + guidance_scale * (cond - uncond)` with the null class `num_classes` when `guidance_scale` is not
-        `None`, the scheduler's step and the callback, which may replace the latents."""
+        `uncond + guidance_scale * (cond - uncond)` when `guidance_scale` is not `None` (the unconditional branch
+        with the null class `num_classes` and, for text, the negative prompt's embeddings), the scheduler's step and
+        the callback, which may replace the latents. `text` is ``(embeds, mask, negative_embeds, negative_mask)``."""
         device = latents.device
         guided = guidance_scale is not None
-        model_labels = (
-            torch.cat([class_labels, torch.full_like(class_labels, self.num_classes)]) if guided else class_labels
-        )
+        model_labels = class_labels
+        if guided and class_labels is not None:
+            model_labels = torch.cat([class_labels, torch.full_like(class_labels, self.num_classes)])
+        text_kwargs = {}
+        if text is not None:
+            embeds, mask, negative_embeds, negative_mask = text
+            if guided:
+                embeds, mask = torch.cat([embeds, negative_embeds]), torch.cat([mask, negative_mask])
+            text_kwargs = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        label_kwargs = {"class_labels": model_labels} if model_labels is not None else {}
         channels = self.transformer.config.in_channels
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for step_index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             timestep = torch.as_tensor(t, device=device).expand(model_input.shape[0])
-            output = self.transformer(model_input, timestep, class_labels=model_labels).sample
+            output = self.transformer(model_input, timestep, **label_kwargs, **text_kwargs).sample
             # A model that also predicts a variance (DiT's learned sigma) guides and steps on its first channels.
             output = output[:, :channels]
             if guided:
@@ -574,6 +583,7 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             use=use,
             tags=[*MODEL_CARD_TAGS, *self._model_card_tags],
             conditional=conditional,
+            text=bool(getattr(self, "is_text_conditioned", False)),
             configs={
                 "transformer": dict(transformer.config) if transformer is not None else None,
                 "scheduler": dict(self.scheduler.config),

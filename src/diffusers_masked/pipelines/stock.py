@@ -20,7 +20,7 @@ STOCK_USAGE = {
         ["dit"],
         "images = pipe(class_labels=[0, 1, 2], num_inference_steps=50, guidance_scale=4.0).images",
     ),
-    "PixArtAlphaPipeline": (["pixart", "text-to-image"], 'images = pipe("a photo of a cat").images'),
+    "PixArtAlphaPipeline": (["pixart"], 'images = pipe("a photo of a cat", use_resolution_binning=False).images'),
 }
 
 
@@ -64,6 +64,7 @@ class StockPipelinePublisher:
             use=use,
             tags=["diffusers-masked", *tags],
             conditional=self.class_name == "DiTPipeline",
+            text=self.class_name == "PixArtAlphaPipeline",
             configs={
                 "transformer": dict(transformer.config) if transformer is not None else None,
                 "scheduler": dict(self.pipeline.scheduler.config),

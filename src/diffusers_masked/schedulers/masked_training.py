@@ -127,14 +127,16 @@ class MaskedTrainingMixin:
         generator: torch.Generator | None = None,
         num_masked: int | None = None,
         routes=None,
+        model_kwargs: dict | None = None,
     ) -> MaskedTrainingOutput:
         r"""
         Compute the masked training loss of `model` on a batch of clean samples.
 
         Args:
             model (`torch.nn.Module`):
-                A denoiser called as `model(sample, timestep, class_labels=..., mask=...)` (with a mask, also
-                `num_masked=`, the mask's count of removed tokens per sample) returning an output with
+                A denoiser called as `model(sample, timestep=..., class_labels=..., mask=..., **model_kwargs)`
+                (labels only when given; with a mask, also `num_masked=`, the mask's count of removed tokens per
+                sample; no mask argument without one) returning an output with
                 `.sample` of the input's shape, and with `model.config.patch_size` (a `DistributedDataParallel`
                 wrapper is looked through). For EDM it is the raw network $F$; for DDPM it predicts the target of
                 `prediction_type`.
@@ -165,6 +167,10 @@ class MaskedTrainingMixin:
                 among the visible tokens. The loss is unchanged: every visible token's output counts. For diffusers'
                 own `DiTTransformer2DModel` / `PixArtTransformer2DModel`, wrap forward and backward in
                 [`~diffusers_masked.routing.token_routing`] instead.
+            model_kwargs (`dict`, *optional*):
+                More conditioning passed to every model call unchanged, e.g. a text-conditioned model's
+                `encoder_hidden_states` and `encoder_attention_mask` (with caption dropout applied by the caller), or
+                PixArt's `added_cond_kwargs`.
 
         Returns:
             [`MaskedTrainingOutput`]: the loss (with gradient), its detached parts and the mask used.
@@ -237,7 +243,10 @@ class MaskedTrainingMixin:
         if routes and routing_active(unwrap_model(model)):
             route_ids = draw_route_ids(routes, batch_size, num_tokens - num_removed, generator, device)
             extra_kwargs.update(routes=routes, route_ids=route_ids)
-        model_output = model(model_input, timestep, class_labels=class_labels, **extra_kwargs).sample
+        if class_labels is not None:
+            extra_kwargs["class_labels"] = class_labels
+        # Keywords only: diffusers' PixArt takes the text as its second positional argument.
+        model_output = model(model_input, timestep=timestep, **(model_kwargs or {}), **extra_kwargs).sample
         if tuple(model_output.shape) != tuple(clean_samples.shape):
             raise ValueError(
                 f"the model's output has shape {tuple(model_output.shape)} but clean_samples has "

@@ -17,12 +17,14 @@ from ..data import (
     collate_fn,
     extract_latents,
     latent_collate_fn,
+    load_digits_arrays,
     load_digits_dataset,
     load_image_dataset,
     make_preprocess,
     sample_latents,
     verify_images,
 )
+from ..data.captions import caption_table, digit_captions
 from ..utils.safe_loading import check_model_folder
 
 
@@ -38,6 +40,8 @@ class TrainingData:
         sample_size (`int`): side the model sees (`resolution`, or divided by the VAE's downsampling).
         num_classes (`int`): classes of the model: the one asked for, else the data's.
         vae (`AutoencoderKL`, *optional*): the VAE of latent-space training.
+        captions (`list[str]`, *optional*): captioned data's distinct captions, the empty prompt first; each row's
+            ``caption_ids`` index them (`diffusers_masked.data.captions.caption_table`).
     """
 
     dataset: Any
@@ -47,6 +51,7 @@ class TrainingData:
     sample_size: int
     num_classes: int
     vae: Any = None
+    captions: list[str] | None = None
 
     def clean_samples(self, batch: dict, generator: torch.Generator | None, device) -> torch.Tensor:
         """A batch's clean samples on `device`: its pixels, or latents drawn from its cached posteriors
@@ -126,6 +131,7 @@ def load_training_data(
     latent_batch_size: int = 32,
     num_classes: int | None = None,
     num_workers: int = 0,
+    caption_column: str | None = None,
 ) -> TrainingData:
     """The training set of a run: a Hub dataset or image folder, or with neither the built-in digits.
 
@@ -154,6 +160,9 @@ def load_training_data(
             decoded (`check_labels`). Defaults to the data's; 0 trains unconditionally: no labels are read
             (`label_column` is ignored, the digits' are dropped).
         num_workers (`int`, defaults to 0): `DataLoader` workers of the latent extraction.
+        caption_column (`str`, *optional*): captioned data: the column of captions (`load_image_dataset`); on the
+            built-in digits any value gives their generated captions (`digit_captions`). The rows get
+            ``caption_ids`` into `TrainingData.captions`.
     """
     builtin_digits = dataset_name is None and train_data_dir is None
     if vae:
@@ -179,11 +188,21 @@ def load_training_data(
             image_column=image_column,
             label_column=label_column if num_classes != 0 else None,
             cache_dir=cache_dir,
+            caption_column=caption_column,
         )
         num_channels = 3
     if max_train_samples is not None:
         dataset = dataset.select(range(min(max_train_samples, len(dataset))))
     num_classes = check_labels(dataset, id2label, num_classes)
+    captions = caption_ids = None
+    if caption_column is not None:
+        if builtin_digits:
+            images, labels = load_digits_arrays(resolution, seed=0, holdout_fraction=0.2)["train"]
+            rows = digit_captions(images[: len(dataset)], labels[: len(dataset)])
+        else:
+            rows = dataset["caption"]
+            dataset = dataset.remove_columns("caption")
+        captions, caption_ids = caption_table(rows)
     if not builtin_digits and verify:
         with accelerator.main_process_first():
             verify_images(dataset)
@@ -192,8 +211,10 @@ def load_training_data(
         resolution, center_crop=not random_crop, random_flip=random_flip, num_channels=num_channels
     )
     if not vae:
+        if caption_ids is not None:
+            dataset = dataset.add_column("caption_ids", caption_ids)
         dataset = dataset.with_transform(make_preprocess(transform))
-        return TrainingData(dataset, id2label, collate_fn, num_channels, resolution, num_classes)
+        return TrainingData(dataset, id2label, collate_fn, num_channels, resolution, num_classes, captions=captions)
 
     from diffusers import AutoencoderKL
 
@@ -212,6 +233,8 @@ def load_training_data(
         num_processes=accelerator.num_processes,
         wait_for_everyone=accelerator.wait_for_everyone,
     )
+    if caption_ids is not None:  # the latent rows are the image rows, in order
+        dataset = dataset.with_format(None).add_column("caption_ids", caption_ids).with_format("torch")
     downsampling = 2 ** (len(autoencoder.config.block_out_channels) - 1)
     return TrainingData(
         dataset,
@@ -221,4 +244,5 @@ def load_training_data(
         resolution // downsampling,
         num_classes,
         autoencoder,
+        captions=captions,
     )

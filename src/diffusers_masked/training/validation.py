@@ -16,10 +16,11 @@ from .outputs import record_outputs
 logger = logging.getLogger(__name__)
 
 
-def sample_grid(pipeline, num_classes: int, per_class: int, seed: int, **pipeline_kwargs):
+def sample_grid(pipeline, num_classes: int, per_class: int, seed: int, prompts=None, **pipeline_kwargs):
     """One row per class (``0 .. num_classes - 1``), `per_class` samples each, from a fixed seed.
 
-    An unconditional pipeline (``pipeline.num_classes == 0``) fills the same grid with ``batch_size`` samples.
+    An unconditional pipeline (``pipeline.num_classes == 0``) fills the same grid with ``batch_size`` samples; with
+    `prompts` (a text-to-image pipeline) each row is one prompt, and `num_classes` is ignored.
 
     Args:
         pipeline: a class-conditional pipeline taking ``class_labels``, or an unconditional one.
@@ -28,7 +29,9 @@ def sample_grid(pipeline, num_classes: int, per_class: int, seed: int, **pipelin
         seed (`int`): seed of the generator on the pipeline's device.
         pipeline_kwargs: passed on, e.g. ``guidance_scale``, ``num_inference_steps``.
     """
-    if getattr(pipeline, "num_classes", None) == 0:
+    if prompts is not None:
+        inputs, num_classes = {"prompt": [p for p in prompts for _ in range(per_class)]}, len(prompts)
+    elif getattr(pipeline, "num_classes", None) == 0:
         inputs = {"batch_size": num_classes * per_class}
     else:
         inputs = {"class_labels": [c for c in range(num_classes) for _ in range(per_class)]}
@@ -82,7 +85,8 @@ def evaluate_on_digits(
     **sampling_kwargs,
 ):
     """The built-in digits run's final evaluation (`evaluate_pipeline_on_digits`: FID against the real set, the
-    real-vs-real floor and, class-conditional, the accuracy).
+    real-vs-real floor and, class- or text-conditional, the accuracy; text-conditional, also the bold/thin control of
+    `evaluate_stroke_control`).
 
     Returns:
         `tuple`: ``(metrics, eval_results, grid)``: the numbers, their model-card entries, and a grid of exactly the
@@ -92,6 +96,7 @@ def evaluate_on_digits(
     from diffusers.utils import numpy_to_pil
 
     from ..evaluation import eval_results_for_model_card, evaluate_pipeline_on_digits
+    from ..evaluation.digits import evaluate_stroke_control
 
     metrics, samples, labels = evaluate_pipeline_on_digits(
         pipeline,
@@ -102,6 +107,15 @@ def evaluate_on_digits(
         return_samples=True,
         **sampling_kwargs,
     )
+    if getattr(pipeline, "is_text_conditioned", False):  # the captioned digits: does "bold"/"thin" work?
+        stroke = evaluate_stroke_control(
+            pipeline,
+            num_samples_per_class=max(1, num_samples_per_class // 4),
+            generator_seed=seed,
+            guidance_scale=sampling_kwargs.get("guidance_scale", 3.0),
+            num_inference_steps=sampling_kwargs.get("num_inference_steps", 40),
+        )
+        metrics.update({k: v for k, v in stroke.items() if k != "templates"}, stroke_templates=stroke["templates"])
     if labels is not None:  # samples come class by class
         chosen = torch.cat([samples[c * num_samples_per_class :][:grid_cols] for c in range(grid_rows)])
         enough = grid_cols <= num_samples_per_class

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..arguments import check_common_flags
-from . import dit, maskdit, maskdm
+from . import dit, maskdit, maskdm, text_to_image
 
 # Flags that say where the data comes from: given on the command line, they replace the recipe's source as a whole.
 DATA_SOURCE_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir")
@@ -71,6 +71,7 @@ def _register(script: str, definitions: list[dict]) -> None:
 _register("train_maskdit", maskdit.RECIPES)
 _register("train_maskdm", maskdm.RECIPES)
 _register("train_dit", dit.RECIPES)
+_register("train_text_to_image", text_to_image.RECIPES)
 
 
 def get_recipe(script: str, name: str) -> Recipe:
