@@ -383,3 +383,25 @@ def test_positive_floats_must_be_finite_and_positive(text):
     with pytest.raises(argparse.ArgumentTypeError):
         finite_float(0, low_open=True)(text)
     assert finite_float(0, low_open=True)("1e-4") == 1e-4
+
+
+def test_the_progress_bars_remaining_time_weighs_unmasked_steps_by_their_cost():
+    # 10 masked steps at ratio 0.5, then 5 unmasked ones, batch 4: a masked step is 4 * 0.5 = 2 units, an unmasked
+    # one 4. The first step's time (one-off costs) is left out of the rate; then 1 s per masked step = 0.5 s/unit.
+    from diffusers_masked.training.loop import RemainingTime
+    from diffusers_masked.training.phases import Phase
+
+    masked = Phase("masked", 0, 10, 4, 1e-3, ConstantMaskSchedule(0.5))
+    unmask = Phase("unmask", 10, 15, 4, 1e-3, ConstantMaskSchedule(0.0))
+    remaining = RemainingTime([masked, unmask], global_step=0)
+    assert remaining.units_left == 10 * 2 + 5 * 4
+    remaining.update(masked, 0, 30.0)
+    # Step 1 at 1 s: 8 masked steps (16 units) + 5 unmasked (20 units) left at 0.5 s/unit = 18 s; tqdm's
+    # steps-times-rate would say 13 s.
+    assert remaining.update(masked, 1, 1.0) == "0:00:18"
+    # A resumed run counts only the steps from where it starts.
+    assert RemainingTime([masked, unmask], global_step=12).units_left == 3 * 4
+    # Past an hour the hours show.
+    long = RemainingTime([Phase("unmask", 0, 4001, 1, 1e-3, ConstantMaskSchedule(0.0))], global_step=0)
+    long.update(long.phases[0], 0, 5.0)
+    assert long.update(long.phases[0], 1, 1.0) == "1:06:39"  # 3999 steps left at 1 s
