@@ -158,7 +158,10 @@ def main(argv=None):
     state = Accelerator()
     # Without this check, a launch that accelerate does not distribute would have every process draw every shard.
     check_distributed_launch(state)
-    pipeline = sampling.load_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
+    # The main process loads first: loading a pipeline with its own code copies that code into diffusers' module
+    # cache, and two processes writing the same file at once can each import it half-written.
+    with state.main_process_first():
+        pipeline = sampling.load_pipeline(args.pipeline, trust_remote_code=args.trust_remote_code)
     pipeline_kwargs = validate_for_pipeline(args, pipeline)
     if args.scheduler is not None:
         sampling.set_scheduler(pipeline, args.scheduler)

@@ -107,7 +107,8 @@ def optimizer_step(
 def step_cost(phase: Phase, global_step: int) -> float:
     """A step's cost relative to others of the same run, for the remaining-time estimate: the batch times the share of
     tokens the encoder sees, ``batch * (1 - ratio)``, floored at a tenth of the batch for what runs over all tokens
-    (embedding, decoder, optimizer). On the digits defaults an unmasked step takes 1.9x a ratio-0.5 one; this says 2x."""
+    (embedding, decoder, optimizer). On the digits defaults an unmasked step takes 1.9x a ratio-0.5 one; this says
+    2x."""
     return phase.batch_size * max(0.1, 1.0 - phase.ratio(global_step))
 
 
@@ -126,7 +127,7 @@ class RemainingTime:
         self.steps = 0
 
     def update(self, phase: Phase, global_step: int, seconds: float) -> str:
-        """Record the step at `global_step` (before it was counted) that took `seconds`; the estimate as ``h:mm:ss``."""
+        """Record the step at `global_step` (not yet counted) that took `seconds`; return the estimate, ``h:mm:ss``."""
         units = step_cost(phase, global_step)
         self.units_left -= units
         self.steps += 1
