@@ -36,12 +36,7 @@ from diffusers_masked.training.batches import check_batch_sizes
 from diffusers_masked.training.data import load_training_data
 from diffusers_masked.training.distributed import end_training, exit_process, setup_accelerator
 from diffusers_masked.training.loop import periodic_saves, train_phases
-from diffusers_masked.training.models import (
-    build_model,
-    configure_model,
-    model_num_classes,
-    prepare_training,
-)
+from diffusers_masked.training.models import build_model, configure_model, model_num_classes, prepare_training
 from diffusers_masked.training.phases import Phase, phases_mask_schedule, staged_phases
 from diffusers_masked.training.recipes import add_recipe_argument, parse_args_with_recipe
 from diffusers_masked.training.run import finish_run, record_run, resume_run, run_finished, start_run, start_trackers
@@ -173,8 +168,12 @@ def make_pipeline(model, scheduler, sampler: str = "ddim"):
     return pipeline
 
 
+def grid_shape(args) -> tuple[int, int]:
+    return max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
+
+
 def validation_grid(args, pipeline):
-    rows, cols = max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
+    rows, cols = grid_shape(args)
     kwargs = {"num_inference_steps": args.num_inference_steps}
     if pipeline.num_classes:
         rows = min(pipeline.num_classes, 10)
@@ -250,8 +249,7 @@ def run_stage(args, accelerator, sharded, stage, folder, run, data, start, log_s
     progress.close()
 
     # 5. Final checkpoint, EMA pipeline and online weights, sample grid, evaluation, model card
-    rows, cols = max(1, args.num_validation_images // 8), min(8, args.num_validation_images)
-    digits_evaluation = arguments.digits_evaluation_options(args, rows, cols) if final else None
+    digits_evaluation = arguments.digits_evaluation_options(args, *grid_shape(args)) if final else None
     finish_run(
         accelerator,
         model,
@@ -318,14 +316,10 @@ def main(args):
     offset = 0
     for i, (stage, folder) in enumerate(stages):
         run = runs[stage]
-        if (
-            stage == "pretrain"
-            and len(stages) == 2
-            and run.resume_path is not None
-            and run_finished(folder, args.max_train_steps)
-        ):
+        resumed = stage == "pretrain" and len(stages) == 2 and run.resume_path is not None
+        if resumed and run_finished(folder, args.max_train_steps):
             logger.info(
-                f"pretrain: {folder} finished at step {args.max_train_steps}; fine-tuning from its online weights"
+                f"pretrain: {folder} ended at step {args.max_train_steps}; fine-tuning from its online weights"
             )
         else:
             run_stage(args, accelerator, sharded, stage, folder, run, data, start, offset, final=i == len(stages) - 1)

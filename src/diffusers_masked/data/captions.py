@@ -13,14 +13,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..utils.io import commit_dir
+from ..utils.io import save_dataset
 from .latents import _weights_fingerprint
 
 _TEXT_CACHE_VERSION = 1
@@ -145,12 +144,7 @@ def extract_text_embeddings(
             shard = datasets.Dataset.from_dict(
                 {"prompt_embeds": embeds.numpy(), "prompt_attention_mask": masks.numpy()}, features=features
             )
-            work_dir = Path(tempfile.mkdtemp(prefix=f".{shard_paths[index].name}-", dir=shard_dir))
-            try:
-                shard.save_to_disk(str(work_dir / "dataset"))
-                commit_dir(work_dir / "dataset", shard_paths[index], durable=False)
-            finally:
-                shutil.rmtree(work_dir, ignore_errors=True)
+            save_dataset(shard, shard_paths[index])
             progress.update(1)
     except BaseException:
         if not any(shard_dir.iterdir()):
@@ -160,14 +154,7 @@ def extract_text_embeddings(
         progress.close()
     barrier()
     if process_index == 0 and not final_dir.is_dir():
-        merged = datasets.concatenate_datasets([_load_text_cache(path) for path in shard_paths])
-        work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=cache_dir))
-        try:
-            merged.save_to_disk(str(work_dir / "dataset"))
-            del merged
-            commit_dir(work_dir / "dataset", final_dir, durable=False)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        save_dataset(datasets.concatenate_datasets([_load_text_cache(p) for p in shard_paths]), final_dir, cache_dir)
         shutil.rmtree(shard_dir, ignore_errors=True)
     barrier()
     return _load_text_cache(final_dir).with_format("torch")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..utils.io import commit_dir
+from ..utils.io import commit_dir, save_dataset
 from .images import ImageTransform, pad_ids
 
 # Bump when the layout of the latent cache changes, so old caches are not read as new ones.
@@ -204,15 +204,9 @@ def extract_latents(
 
     barrier()
     if process_index == 0 and not final_dir.is_dir():
-        merged = datasets.concatenate_datasets([_load_latent_cache(path) for path in shard_paths])
-        work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=cache_dir))
-        try:
-            merged.save_to_disk(str(work_dir / "dataset"))
-            del merged  # release the memory maps of the shards before deleting them
-            # A concurrent run that finished first is fine: its folder is kept.
-            commit_dir(work_dir / "dataset", final_dir, durable=False)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        # A concurrent run that finished first is fine: its folder is kept. The merged dataset, which maps the
+        # shards, is released when save_dataset returns, before the shards are deleted.
+        save_dataset(datasets.concatenate_datasets([_load_latent_cache(p) for p in shard_paths]), final_dir, cache_dir)
         shutil.rmtree(shard_dir, ignore_errors=True)
     barrier()
     return _load_latent_cache(final_dir).with_format("torch")

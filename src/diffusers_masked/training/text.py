@@ -167,17 +167,11 @@ def pixart_preset_config(name: str) -> dict:
     """A `PixArtTransformer2DModel` config of a DiT size (``"S/2"`` ... ``"XL/2"``; PixArt-alpha is XL/2): DiT's depth,
     heads and width, PixArt-alpha's block (adaLN-single, cross-attention over the projected caption), noise
     prediction only (`out_channels` = `in_channels`, filled in by `build_pixart`)."""
-    from ..models.masked_dit import DIT_ENCODER_SIZES, MaskedDiTTransformer2DModel
+    from .models import dit_preset_config
 
-    MaskedDiTTransformer2DModel._check_preset(name)
-    size, _, patch = name.partition("/")
-    num_layers, width, heads = DIT_ENCODER_SIZES[size]
-    return {
-        "num_layers": num_layers,
-        "num_attention_heads": heads,
-        "attention_head_dim": width // heads,
-        "patch_size": int(patch),
-    }
+    config = dit_preset_config(name)
+    del config["num_embeds_ada_norm"]  # PixArt conditions on text, not on class labels
+    return config
 
 
 def build_pixart(data, caption_channels: int, *, start=None, config: dict | None = None):

@@ -85,6 +85,20 @@ def staging_dir(final: str | os.PathLike) -> Path:
     return staging
 
 
+def save_dataset(dataset, final: str | os.PathLike, scratch_dir: str | os.PathLike | None = None) -> None:
+    """Save a `datasets.Dataset` as the folder `final` in one step: written under a temporary name in `scratch_dir`
+    (default: `final`'s parent; same file system), then moved into place by `commit_dir` without fsync (a cache can be
+    rebuilt), so a crash leaves no half-written `final`, and a `final` that a concurrent process finished first is
+    kept. The caller drops its own references to `dataset` before deleting files the dataset maps."""
+    final = Path(final)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=scratch_dir or final.parent))
+    try:
+        dataset.save_to_disk(str(work_dir / "dataset"))
+        commit_dir(work_dir / "dataset", final, durable=False)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def commit_dir(
     staging: str | os.PathLike, final: str | os.PathLike, replace: bool = False, durable: bool = True
 ) -> bool:
